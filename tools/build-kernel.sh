@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+# Build a guest kernel flavour (debug or perf) from Debian's linux-source-6.12
+# into $CACHE/kernel/<flavour>. That directory is also the KDIR for
+# out-of-tree modules. Rebuilt only when its inputs change.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+flavour=${1:-debug}
+case "$flavour" in
+debug | perf) ;;
+*) die "unknown kernel flavour '$flavour': use debug or perf" ;;
+esac
+[ -f "$KSRC/Makefile" ] || die "kernel source missing in $KSRC: run 'make setup' first"
+[ -x "$BINDGEN" ] || die "bindgen missing at $BINDGEN: run 'make setup' first"
+
+out=$CACHE/kernel/$flavour
+frags=("$TOP/tools/kernel/base.config" "$TOP/tools/kernel/$flavour.config")
+# The in-tree copy of the Rust driver is part of the kernel's inputs.
+intree_inputs=()
+if [ -x "$TOP/tools/intree.sh" ]; then
+	frags+=("$TOP/tools/kernel/rust-driver.config")
+	mapfile -t intree_inputs < <("$TOP/tools/intree.sh" --list-inputs)
+fi
+key=$(inputs_hash "${frags[@]}" "$0" "$(cat "$KSRC/.vsock-rs-source" 2>/dev/null)" \
+	"$(/usr/bin/rustc --version)" "$("$BINDGEN" --version)")
+src_key=$(inputs_hash "${intree_inputs[@]+"${intree_inputs[@]}"}")
+
+if [ "$(cat "$out/.vsock-rs-key" 2>/dev/null)" = "$key.$src_key" ] &&
+	[ -f "$out/arch/x86/boot/bzImage" ]; then
+	msg "kernel $flavour is up to date ($out)"
+	exit 0
+fi
+
+if [ -x "$TOP/tools/intree.sh" ]; then
+	"$TOP/tools/intree.sh" "$KSRC"
+fi
+
+mkdir -p "$out"
+kmake() { make -s -C "$KSRC" O="$out" "${KMAKE_FLAGS[@]}" -j"$(jobs)" "$@"; }
+
+if [ "$(cat "$out/.vsock-rs-config-key" 2>/dev/null)" != "$key" ]; then
+	msg "configuring $flavour kernel (tinyconfig + ${frags[*]##*/})"
+	kmake tinyconfig >/dev/null
+	(cd "$KSRC" && ARCH=x86 scripts/kconfig/merge_config.sh -m -O "$out" \
+		"$out/.config" "${frags[@]}" >"$out/merge.log")
+	kmake olddefconfig
+	# Every option the fragments ask for must have survived olddefconfig.
+	bad=()
+	while IFS= read -r line; do
+		case "$line" in
+		CONFIG_*=*)
+			if ! grep -qx -- "$line" "$out/.config"; then bad+=("$line"); fi ;;
+		"# CONFIG_"*" is not set")
+			name=${line#\# }
+			if grep -q "^${name%% *}=" "$out/.config"; then bad+=("$line"); fi ;;
+		esac
+	done < <(cat "${frags[@]}")
+	[ ${#bad[@]} -eq 0 ] || die "kernel config lost: ${bad[*]} (see $out/.config; a dependency is missing)"
+	echo "$key" >"$out/.vsock-rs-config-key"
+fi
+
+msg "building $flavour kernel in $out (about 7 minutes on 2 cores)"
+start=$SECONDS
+kmake bzImage modules
+echo "$key.$src_key" >"$out/.vsock-rs-key"
+msg "kernel $flavour built in $((SECONDS - start)) s"
