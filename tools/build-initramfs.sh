@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+# Build the guest initramfs for a kernel flavour: busybox, the guest init,
+# the static vsock tests and the vsock modules of that kernel. The Rust
+# module and the samples are added as a second archive by the runner, so
+# that rebuilding them does not rebuild this one.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+flavour=${1:-debug}
+kdir=$CACHE/kernel/$flavour
+[ -f "$kdir/arch/x86/boot/bzImage" ] || die "no $flavour kernel in $kdir: run 'make kernel' first"
+tests=$CACHE/vsock-tests/bin
+[ -x "$tests/vsock_test" ] || die "no vsock tests in $tests: run tools/build-vsock-tests.sh"
+
+mods=()
+for m in vmw_vsock_virtio_transport vmw_vsock_virtio_transport_common; do
+	f=$(find "$kdir/net/vmw_vsock" -name "$m.ko" | head -1)
+	[ -n "$f" ] || die "$m.ko missing in $kdir: is CONFIG_VIRTIO_VSOCKETS=m?"
+	mods+=("$f")
+done
+
+img=$CACHE/initramfs/$flavour.cpio.gz
+key=$(inputs_hash "$0" "$TOP/tools/guest/init" /bin/busybox "${mods[@]}" "$tests"/*)
+if [ "$(cat "$img.key" 2>/dev/null)" = "$key" ] && [ -f "$img" ]; then
+	msg "initramfs $flavour is up to date ($img)"
+	exit 0
+fi
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,lib/modules}
+cp /bin/busybox "$root/bin/busybox"
+install -m 755 "$TOP/tools/guest/init" "$root/init"
+cp "$tests"/* "$root/bin/"
+strip "$root"/bin/vsock_* 2>/dev/null || true
+cp "${mods[@]}" "$root/lib/modules/"
+mkdir -p "$(dirname "$img")"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$img.tmp"
+mv "$img.tmp" "$img"
+echo "$key" >"$img.key"
+msg "initramfs $flavour: $img ($(du -h "$img" | cut -f1))"
