@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Buffer sizing and queue flow-control decisions of the driver.
+//!
+//! These are the small arithmetic decisions of
+//! [`net/vmw_vsock/virtio_transport.c`](srctree/net/vmw_vsock/virtio_transport.c)
+//! (6.12.117), pulled out so that they can be tested without a kernel. All of
+//! them use checked or saturating arithmetic and never panic.
+
+use super::hdr::HDR_SIZE_U32;
+
+/// Bytes allocated for one rx buffer and its `struct skb_shared_info`: one page.
+///
+/// `VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE` is `SKB_WITH_OVERHEAD(1024 * 4)`, so that
+/// a linear rx skb fits exactly into a single 4 KiB page; see
+/// [`rx_buf_size`].
+pub const RX_BUF_ALLOC: u32 = 4096;
+
+/// `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`: the largest payload of one tx packet.
+pub const MAX_PKT_BUF_SIZE: u32 = 64 * 1024;
+
+/// `VIRTIO_VSOCK_MAX_BUF_SIZE`: the largest socket buffer size.
+pub const MAX_BUF_SIZE: u32 = u32::MAX;
+
+/// Number of event buffers kept posted on the event virtqueue (`event_list[8]`).
+pub const EVENT_BUFS: usize = 8;
+
+/// Computes `VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE` for a kernel configuration.
+///
+/// The C macro is `SKB_WITH_OVERHEAD(1024 * 4)`, that is
+/// `4096 - ALIGN(sizeof(struct skb_shared_info), SMP_CACHE_BYTES)`, which
+/// depends on the kernel configuration (`CONFIG_MAX_SKB_FRAGS`, cache line
+/// size): the driver passes both values from its bindings. The result is the
+/// length posted for each rx buffer, header included (6.12.117 posts the whole
+/// linear skb, header and payload, as one descriptor).
+///
+/// Returns `None` if `cache_bytes` is not a power of two or the result would
+/// not hold a header.
+///
+/// # Examples
+///
+/// ```
+/// use virtio_vsock_rs::protocol::rx_buf_size;
+///
+/// // x86_64 with 64-byte cache lines and 17 fragments: 320-byte shared info.
+/// assert_eq!(rx_buf_size(320, 64), Some(3776));
+/// assert_eq!(rx_buf_size(321, 64), Some(3712));
+/// assert_eq!(rx_buf_size(320, 48), None);
+/// ```
+pub const fn rx_buf_size(shared_info_size: u32, cache_bytes: u32) -> Option<u32> {
+    if !cache_bytes.is_power_of_two() {
+        return None;
+    }
+    let mask = cache_bytes - 1;
+    let aligned = match shared_info_size.checked_add(mask) {
+        Some(sum) => sum & !mask,
+        None => return None,
+    };
+    match RX_BUF_ALLOC.checked_sub(aligned) {
+        Some(size) if size > HDR_SIZE_U32 => Some(size),
+        _ => None,
+    }
+}
+
+/// Returns whether the rx virtqueue should be refilled after processing.
+///
+/// Mirrors `if (vsock->rx_buf_nr < vsock->rx_buf_max_nr / 2)
+/// virtio_vsock_rx_fill(vsock);` at the end of `virtio_transport_rx_work()`:
+/// `rx_buf_nr` is the number of buffers still posted, `rx_buf_max_nr` the
+/// largest number ever posted.
+pub const fn rx_refill_needed(rx_buf_nr: u32, rx_buf_max_nr: u32) -> bool {
+    rx_buf_nr < rx_buf_max_nr / 2
+}
+
+/// Returns whether there is room for more replies to rx packets.
+///
+/// Mirrors `virtio_transport_more_replies()`: rx processing stops while the
+/// number of queued reply packets (`queued_replies`) reaches the rx vring
+/// size, so that a peer cannot make the guest queue unbounded replies.
+pub const fn more_replies(queued_replies: u32, rx_vring_size: u32) -> bool {
+    queued_replies < rx_vring_size
+}
+
+/// Returns whether sending one reply packet must restart rx processing.
+///
+/// Mirrors `virtio_transport_send_pkt_work()`: after
+/// `val = atomic_dec_return(&vsock->queued_replies)`, rx work is queued again
+/// if `val + 1 == virtqueue_get_vring_size(rx_vq)`, that is when this reply
+/// took the count back below the limit of [`more_replies`].
+pub const fn reply_sent_restarts_rx(queued_after_dec: u32, rx_vring_size: u32) -> bool {
+    match queued_after_dec.checked_add(1) {
+        Some(before) => before == rx_vring_size,
+        None => false,
+    }
+}
+
+/// Returns whether cancelling `cancelled` reply packets must restart rx processing.
+///
+/// Mirrors `virtio_transport_cancel_pkt()`: with
+/// `new_cnt = atomic_sub_return(cnt, &vsock->queued_replies)`, rx work is
+/// queued again if `new_cnt + cnt >= size && new_cnt < size`, that is when the
+/// count crossed the limit of [`more_replies`] downwards.
+pub const fn cancel_restarts_rx(queued_after_sub: u32, cancelled: u32, rx_vring_size: u32) -> bool {
+    let before = queued_after_sub.saturating_add(cancelled);
+    before >= rx_vring_size && queued_after_sub < rx_vring_size
+}
+
+/// Returns whether a tx packet to `dst_cid` may be sent by a guest with CID `guest_cid`.
+///
+/// Mirrors `virtio_transport_send_pkt()`, which drops packets whose
+/// `le64_to_cpu(hdr->dst_cid) == vsock->guest_cid` with `-ENODEV`: the guest
+/// cannot talk to itself through the device (that is the loopback transport's
+/// job).
+pub const fn tx_dst_allowed(dst_cid: u64, guest_cid: u32) -> bool {
+    dst_cid != guest_cid as u64
+}
