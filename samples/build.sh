@@ -20,7 +20,7 @@ fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=$1
-cache=${CACHE:-$HOME/.cache/virtio_vsock_rs}
+cache=${VSOCK_RS_CACHE:-${CACHE:-$HOME/.cache/virtio_vsock_rs}}
 target_dir=$cache/target/samples-static
 triple=x86_64-unknown-linux-gnu
 

@@ -1,0 +1,87 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# virtio_vsock_rs: the project's entry points. Kbuild reads ./Kbuild for the
+# module itself; this Makefile drives the test bed around it.
+#
+#   make setup      install packages and tools (idempotent)
+#   make kernel     build the debug and perf guest kernels
+#   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
+#   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: vsock_perf/latency
+#   make check      every test the project has (what CI runs)
+#
+# Build artefacts go to $(VSOCK_RS_CACHE), default ~/.cache/virtio_vsock_rs.
+
+VSOCK_RS_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/virtio_vsock_rs
+export VSOCK_RS_CACHE
+FLAVOUR ?= debug
+KDIR ?= $(VSOCK_RS_CACHE)/kernel/$(FLAVOUR)
+DRIVER ?= c
+PEER ?= $(DRIVER)
+CARGO_TARGET_DIR ?= $(VSOCK_RS_CACHE)/target
+export CARGO_TARGET_DIR
+VMTEST_ARGS ?=
+KMAKE = $(MAKE) -C $(KDIR) LLVM=1 RUSTC=/usr/bin/rustc \
+	BINDGEN=$(VSOCK_RS_CACHE)/cargo/bin/bindgen
+# The module is built in a copy per kernel flavour, so the clone stays clean.
+MODDIR = $(VSOCK_RS_CACHE)/module/$(FLAVOUR)
+MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
+NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
+
+.PHONY: module modules extras all setup kernel kernel-debug kernel-perf initramfs device \
+	vsock-tests vmtest vmtest-selftest bench check device-test clean help
+
+all: help
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+setup:
+	@tools/setup.sh
+
+kernel: kernel-debug kernel-perf
+
+kernel-debug kernel-perf: setup
+	@tools/build-kernel.sh $(@:kernel-%=%)
+
+vsock-tests: setup
+	@tools/build-vsock-tests.sh
+
+initramfs: kernel-$(FLAVOUR) vsock-tests
+	@tools/build-initramfs.sh $(FLAVOUR)
+
+# Out-of-tree build of the module against $(KDIR).
+module modules: kernel-$(FLAVOUR)
+	@mkdir -p $(MODDIR)
+	@rsync -a --delete --exclude='*.o' --exclude='*.ko' --exclude='.*.cmd' \
+		--exclude='*.mod*' --exclude='bindings_generated.rs' \
+		--exclude='modules.order' --exclude='Module.symvers' \
+		Kbuild Kconfig src $(MODDIR)/
+	@$(KMAKE) M=$(MODDIR) CONFIG_VIRTIO_VSOCKETS_RUST=m modules
+	@echo "==> $(MODULE_KO)" >&2
+
+extras: $(if $(NEED_RUST),module) vsock-tests
+	@tools/build-extras.sh $(FLAVOUR) $(if $(NEED_RUST),$(MODULE_KO))
+
+device: setup
+	@echo "==> building tools/vsock-device" >&2
+	@cargo build --quiet --release --locked --manifest-path tools/vsock-device/Cargo.toml
+
+device-test: setup
+	@cargo test --quiet --locked --manifest-path tools/vsock-device/Cargo.toml
+
+vmtest: initramfs device extras
+	@tools/vmtest.py --kernel $(FLAVOUR) --driver $(DRIVER) --peer $(PEER) $(VMTEST_ARGS)
+
+vmtest-selftest: initramfs device extras
+	@tools/vmtest.py --kernel $(FLAVOUR) --selftest
+
+bench:
+	@$(MAKE) --no-print-directory initramfs device extras FLAVOUR=perf
+	@tools/bench.py --driver $(DRIVER) --peer $(PEER) \
+		$(if $(DRIVER2),--driver2 $(DRIVER2) --peer2 $(or $(PEER2),$(DRIVER2))) $(BENCH_ARGS)
+
+check:
+	@tools/check.sh
+
+clean:
+	rm -rf $(VSOCK_RS_CACHE)/vmtest-*

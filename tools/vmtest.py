@@ -1,0 +1,653 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0
+"""Boot two sibling guests on one vsock device and run the vsock test suites.
+
+The runner starts the vhost-user vsock device (tools/vsock-device) serving
+CIDs 3 and 4, boots both guests under TCG with the chosen transport loaded,
+links them with a private QEMU socket netdev on 127.0.0.1 for vsock_test's
+TCP control channel, and drives each guest through the agent that
+tools/guest/init runs on the guest's second serial port.
+
+Every vsock_test case runs as its own pair of processes, in both role
+assignments (guest 3 server / guest 4 client, then swapped). A failed case is
+retried once and reported as flaky when the retry passes. Both consoles are
+scanned after every case: an Oops, BUG, WARNING, KASAN or kmemleak report
+fails the run. Every wait has a timeout; a hung guest ends the case with a
+message that names it, and the guests are rebooted before the next one.
+
+The last line printed is "N passed, N failed, N skipped".
+"""
+
+import argparse
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("VSOCK_RS_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+    "virtio_vsock_rs")
+
+# Lines in a guest console that fail the run.
+BAD_CONSOLE = re.compile(
+    r"(Oops|BUG:|WARNING:|KASAN|Kernel panic|general protection fault|"
+    r"kernel BUG|unreferenced object|INFO: task .* blocked|"
+    r"possible circular locking|inconsistent lock state|"
+    r"sleeping function called from invalid context|"
+    r"list_(add|del) corruption|UBSAN|Call Trace)")
+
+# Rust module and its dependency, as the guest init names them.
+DRIVERS = {"c": "vmw_vsock_virtio_transport", "rust": "virtio_vsock_rs"}
+
+
+class RunError(Exception):
+    """A failure that ends the current case or the run, with its cause."""
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """A command running in a guest, with its output lines as they arrive."""
+
+    def __init__(self, guest, jid, cmd):
+        self.guest = guest
+        self.id = jid
+        self.cmd = cmd
+        self.lines = []
+        self.rc = None
+        self.cond = threading.Condition()
+
+    def feed(self, line):
+        with self.cond:
+            if line.startswith("@@RC "):
+                self.rc = int(line[5:].strip() or 255)
+            elif line:
+                self.lines.append(line)
+            self.cond.notify_all()
+
+    def wait_line(self, pattern, timeout):
+        """Wait for an output line matching `pattern`; True when it came."""
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if any(rx.search(l) for l in self.lines):
+                    return True
+                if self.rc is not None:
+                    return False
+                left = end - time.monotonic()
+                if left <= 0 or not self.guest.alive():
+                    return False
+                self.cond.wait(min(left, 0.5))
+
+    def wait(self, timeout):
+        """Wait for the command to end; its exit status, or None on timeout."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while self.rc is None:
+                left = end - time.monotonic()
+                if left <= 0 or not self.guest.alive():
+                    return None
+                self.cond.wait(min(left, 0.5))
+            return self.rc
+
+    def output(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+
+class Guest:
+    """One QEMU guest with its console log and agent channel."""
+
+    def __init__(self, args, cid, workdir, vhost_sock, udp_mine, udp_peer,
+                 driver, initrd):
+        self.args = args
+        self.cid = cid
+        self.driver = driver
+        self.dir = workdir
+        self.console = os.path.join(workdir, f"console-{cid}.log")
+        self.agent_path = os.path.join(workdir, f"agent-{cid}.sock")
+        self.vhost_sock = vhost_sock
+        self.udp = (udp_mine, udp_peer)
+        self.initrd = initrd
+        self.proc = None
+        self.sock = None
+        self.jobs = {}
+        self.next_id = 0
+        self.events = queue.Queue()
+        self.scan_offset = 0
+        self.lock = threading.Lock()
+
+    def qemu_cmd(self):
+        a = self.args
+        kernel = os.path.join(a.kdir, "arch/x86/boot/bzImage")
+        append = (f"console=ttyS0 tb.cid={self.cid} tb.driver={self.driver} "
+                  "panic=-1 loglevel=6 " + a.append).strip()
+        mem = a.mem
+        return [
+            a.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+            "-smp", str(a.smp), "-m", f"{mem}M",
+            "-object",
+            f"memory-backend-memfd,id=mem0,size={mem}M,share=on",
+            "-machine", "q35,memory-backend=mem0",
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-kernel", kernel, "-initrd", self.initrd, "-append", append,
+            "-serial", f"file:{self.console}",
+            "-chardev",
+            f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+            "-serial", "chardev:agent",
+            "-netdev",
+            f"socket,id=n0,udp=127.0.0.1:{self.udp[1]},"
+            f"localaddr=127.0.0.1:{self.udp[0]}",
+            "-device",
+            f"virtio-net-pci,netdev=n0,mac=52:54:00:12:34:{self.cid:02x}",
+            "-chardev", f"socket,id=vhu0,path={self.vhost_sock}",
+            "-device", "vhost-user-vsock-pci,chardev=vhu0",
+        ]
+
+    def start(self):
+        for p in (self.console, self.agent_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.scan_offset = 0
+        self.jobs = {}
+        self.events = queue.Queue()
+        qlog = open(os.path.join(self.dir, f"qemu-{self.cid}.log"), "ab")
+        self.proc = subprocess.Popen(self.qemu_cmd(), stdin=subprocess.DEVNULL,
+                                     stdout=qlog, stderr=qlog,
+                                     start_new_session=True)
+        qlog.close()
+        end = time.monotonic() + 20
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(self.agent_path)
+                break
+            except OSError:
+                self.sock.close()
+                if not self.alive():
+                    raise RunError(f"guest {self.cid}: QEMU exited at start: "
+                                   + self.qemu_log_tail())
+                if time.monotonic() > end:
+                    raise RunError(f"guest {self.cid}: no agent socket")
+                time.sleep(0.1)
+        threading.Thread(target=self.reader, daemon=True).start()
+
+    def qemu_log_tail(self):
+        try:
+            with open(os.path.join(self.dir, f"qemu-{self.cid}.log")) as f:
+                return " ".join(f.read().strip().splitlines()[-3:])
+        except OSError:
+            return ""
+
+    def reader(self):
+        buf = b""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                if line.startswith("@@"):
+                    self.events.put(line)
+                    continue
+                jid, sep, rest = line.partition("| ")
+                if not sep:
+                    jid, sep, rest = line.partition("|")
+                job = self.jobs.get(jid)
+                if job:
+                    job.feed(rest)
+        self.events.put("@@EOF")
+
+    def wait_ready(self, timeout):
+        try:
+            ev = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise RunError(f"guest {self.cid}: did not boot within {timeout} s"
+                           f" (console: {self.console})")
+        if ev.startswith("@@READY"):
+            return
+        if ev.startswith("@@FAIL"):
+            raise RunError(f"guest {self.cid}: {ev[7:]}")
+        raise RunError(f"guest {self.cid}: guest stopped while booting: "
+                       + self.console_tail())
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def run(self, cmd):
+        with self.lock:
+            jid = f"j{self.next_id}"
+            self.next_id += 1
+            job = Job(self, jid, cmd)
+            self.jobs[jid] = job
+            try:
+                self.sock.sendall(f"{jid} {cmd}\n".encode())
+            except OSError as e:
+                raise RunError(f"guest {self.cid}: agent channel: {e}")
+        return job
+
+    def sh(self, cmd, timeout):
+        """Run a command to its end; (rc, output). rc None on timeout."""
+        job = self.run(cmd)
+        return job.wait(timeout), job.output()
+
+    def console_text(self):
+        try:
+            with open(self.console, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def console_tail(self, n=5):
+        return " | ".join(self.console_text().strip().splitlines()[-n:])
+
+    def scan(self):
+        """New bad lines in the console since the last scan."""
+        text = self.console_text()
+        new = text[self.scan_offset:]
+        self.scan_offset = len(text)
+        return [l.strip() for l in new.splitlines() if BAD_CONSOLE.search(l)]
+
+    def stop(self):
+        if self.alive():
+            try:
+                self.sock.sendall(b"x poweroff -f\n")
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.sock:
+            self.sock.close()
+
+
+class Bed:
+    """The device process and the two sibling guests."""
+
+    def __init__(self, args, workdir):
+        self.args = args
+        self.dir = workdir
+        self.device = None
+        self.guests = []
+        self.boots = 0
+
+    def start(self, drivers):
+        a = self.args
+        self.boots += 1
+        socks = {}
+        vms = []
+        for cid in (3, 4):
+            socks[cid] = os.path.join(self.dir, f"vhost-{cid}.sock")
+            uds = os.path.join(self.dir, f"host-{cid}.vsock")
+            for p in (socks[cid], uds):
+                if os.path.exists(p):
+                    os.unlink(p)
+            vms += ["--vm", f"guest-cid={cid},socket={socks[cid]},"
+                            f"uds-path={uds}"]
+        dlog = open(os.path.join(self.dir, "device.log"), "ab")
+        self.device = subprocess.Popen([a.device] + vms,
+                                       stdin=subprocess.DEVNULL,
+                                       stdout=dlog, stderr=dlog,
+                                       start_new_session=True)
+        dlog.close()
+        end = time.monotonic() + 10
+        while not all(os.path.exists(s) for s in socks.values()):
+            if self.device.poll() is not None:
+                raise RunError("vsock device exited at start: see "
+                               + os.path.join(self.dir, "device.log"))
+            if time.monotonic() > end:
+                raise RunError("vsock device did not create its sockets")
+            time.sleep(0.05)
+        udp = {3: free_udp_port(), 4: free_udp_port()}
+        initrd = {3: a.initrd, 4: a.initrd}
+        self.guests = [
+            Guest(a, cid, self.dir, socks[cid], udp[cid], udp[7 - cid],
+                  drivers[cid], initrd[cid]) for cid in (3, 4)
+        ]
+        for g in self.guests:
+            g.start()
+        for g in self.guests:
+            g.wait_ready(a.boot_timeout)
+
+    def stop(self):
+        for g in self.guests:
+            g.stop()
+        if self.device and self.device.poll() is None:
+            os.killpg(self.device.pid, signal.SIGTERM)
+            try:
+                self.device.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.device.pid, signal.SIGKILL)
+                self.device.wait()
+
+    def guest(self, cid):
+        return self.guests[0] if cid == 3 else self.guests[1]
+
+    def kernel_problems(self):
+        bad = []
+        for g in self.guests:
+            bad += [f"guest {g.cid}: {l}" for l in g.scan()]
+        return bad
+
+
+class Results:
+    def __init__(self):
+        self.passed = self.failed = self.skipped = 0
+        self.flaky = []
+        self.failures = []
+
+    def ok(self, name, note=""):
+        self.passed += 1
+        log(f"  ok    {name}{note}")
+
+    def fail(self, name, why):
+        self.failed += 1
+        self.failures.append(f"{name}: {why}")
+        log(f"  FAIL  {name}: {why}")
+
+    def skip(self, name, why):
+        self.skipped += 1
+        log(f"  skip  {name}: {why}")
+
+
+def vsock_test_cmd(binary, mode, peer_cid, server_cid, ctl_port, peer_port,
+                   only, ntests):
+    skips = " ".join(f"--skip={i}" for i in range(ntests) if i != only)
+    host = ("--control-host=::" if mode == "server" else
+            f"--control-host=fe80::{server_cid}%eth0")
+    return (f"{binary} --mode={mode} {host} --control-port={ctl_port} "
+            f"--peer-cid={peer_cid} --peer-port={peer_port} {skips}")
+
+
+def run_pair(bed, server, client, binary, only, ntests, port, timeout):
+    """One vsock_test (or vsock_diag_test) case; raises RunError on failure."""
+    ctl = 5000 + port % 1000
+    srv = bed.guest(server).run(vsock_test_cmd(
+        binary, "server", client, server, ctl, port, only, ntests))
+    if not srv.wait_line(r"Control socket listening", 30):
+        raise RunError(f"server in guest {server} did not listen: "
+                       + srv.output()[-300:])
+    cli = bed.guest(client).run(vsock_test_cmd(
+        binary, "client", server, server, ctl, port, only, ntests))
+    rc_c = cli.wait(timeout)
+    rc_s = srv.wait(5 if rc_c is not None else 1)
+    for g in bed.guests:
+        if not g.alive():
+            raise RunError(f"guest {g.cid} died: " + g.console_tail())
+    if rc_c is None or rc_s is None:
+        who = "client" if rc_c is None else "server"
+        raise RunError(f"hung: {who} did not finish within {timeout} s "
+                       f"(last output: {(cli if rc_c is None else srv).output()[-200:]!r})",
+                       )
+    if rc_c != 0 or rc_s != 0:
+        tail = (cli.output() if rc_c else srv.output()).strip().splitlines()
+        raise RunError(f"exit client={rc_c} server={rc_s}: "
+                       + " / ".join(tail[-3:]))
+
+
+def list_tests(args):
+    out = subprocess.run([args.vsock_test_host, "--list"],
+                         capture_output=True, text=True)
+    tests = []
+    for line in (out.stdout + out.stderr).splitlines():
+        m = re.match(r"(\d+)\s+(.*)", line.strip())
+        if m:
+            tests.append((int(m.group(1)), m.group(2)))
+    if not tests:
+        raise RunError("vsock_test --list printed no tests")
+    return tests
+
+
+def check_kmemleak(bed, res, label):
+    for g in bed.guests:
+        name = f"{label} kmemleak guest {g.cid}"
+        rc, out = g.sh("f=/sys/kernel/debug/kmemleak; [ -e $f ] || "
+                       "{ echo no-kmemleak; exit 0; }; echo scan > $f; "
+                       "sleep 2; echo scan > $f; cat $f", 240)
+        if rc is None:
+            res.fail(name, "kmemleak scan did not finish in 240 s")
+        elif "no-kmemleak" in out:
+            res.skip(name, "kernel without kmemleak")
+        elif "unreferenced object" in out:
+            first = [l for l in out.splitlines() if "unreferenced" in l]
+            res.fail(name, f"{len(first)} leak(s): {first[0]}")
+        else:
+            res.ok(name)
+
+
+def run_suite(args, res):
+    tests = list_tests(args)
+    wanted = set(args.only) if args.only else None
+    ntests = len(tests)
+    workdir = args.workdir
+    assignments = [(3, 4), (4, 3)]
+    if args.one_way:
+        assignments = assignments[:1]
+    drivers = {3: args.driver, 4: args.peer}
+    for server, client in assignments:
+        label = f"[{server}->{client}]"
+        log(f"== role assignment {label}: server in guest {server} "
+            f"({drivers[server]}), client in guest {client} "
+            f"({drivers[client]})")
+        bed = Bed(args, workdir)
+        t0 = time.monotonic()
+        try:
+            bed.start(drivers)
+        except RunError as e:
+            bed.stop()
+            res.fail(f"{label} boot", str(e))
+            for tid, tname in tests:
+                if wanted is None or tid in wanted:
+                    res.skip(f"{label} {tid} {tname}", "guests did not boot")
+            continue
+        log(f"   guests up in {time.monotonic() - t0:.1f} s "
+            f"(logs: {workdir})")
+        port = 1024 + (0 if server == 3 else 500)
+        for tid, tname in tests:
+            name = f"{label} {tid:2d} {tname}"
+            if wanted is not None and tid not in wanted:
+                continue
+            if tid in args.skip:
+                res.skip(name, "skipped by --skip")
+                continue
+            errors = []
+            for attempt in (1, 2):
+                port += 2
+                t0 = time.monotonic()
+                try:
+                    if not all(g.alive() for g in bed.guests):
+                        bed.stop()
+                        bed.start(drivers)
+                    run_pair(bed, server, client, "vsock_test", tid, ntests,
+                             port, args.timeout)
+                    bad = bed.kernel_problems()
+                    if bad:
+                        raise RunError("kernel log: " + bad[0])
+                    errors.append(None)
+                    break
+                except RunError as e:
+                    errors.append(str(e))
+                    bad = bed.kernel_problems()
+                    if bad and "kernel log" not in str(e):
+                        errors[-1] += "; kernel log: " + bad[0]
+                    if "kernel log" in errors[-1]:
+                        break  # A kernel report is never flaky.
+                    log(f"  retry {name}: {e}")
+                    bed.stop()
+                    bed.start(drivers)
+            dt = f" ({time.monotonic() - t0:.1f} s)"
+            if errors[-1] is None and len(errors) == 1:
+                res.ok(name, dt)
+            elif errors[-1] is None:
+                res.flaky.append(name)
+                res.ok(name, f"{dt} [flaky: first try: {errors[0]}]")
+            else:
+                res.fail(name, errors[-1])
+        if wanted is None or args.diag:
+            name = f"{label} vsock_diag_test"
+            try:
+                run_pair(bed, server, client, "vsock_diag_test", -1, 0,
+                         port + 10, args.timeout)
+                bad = bed.kernel_problems()
+                if bad:
+                    raise RunError("kernel log: " + bad[0])
+                res.ok(name)
+            except RunError as e:
+                res.fail(name, str(e))
+        if args.kmemleak:
+            check_kmemleak(bed, res, label)
+        for g in bed.guests:
+            name = f"{label} kernel log guest {g.cid}"
+            bad = [l for l in g.console_text().splitlines()
+                   if BAD_CONSOLE.search(l)]
+            if bad:
+                res.fail(name, f"{len(bad)} report line(s), first: {bad[0]}")
+            else:
+                res.ok(name)
+        bed.stop()
+
+
+def selftest(args, res):
+    """Check that the runner itself catches the failures it promises to."""
+    workdir = args.workdir
+    # 1. A driver that fails to load.
+    bed = Bed(args, workdir)
+    try:
+        bed.start({3: "nonexistent", 4: "c"})
+        res.fail("selftest driver load failure", "guest booted anyway")
+    except RunError as e:
+        if "unknown tb.driver" in str(e) or "insmod" in str(e):
+            res.ok("selftest driver load failure", f" -> {e}")
+        else:
+            res.fail("selftest driver load failure", f"wrong cause: {e}")
+    bed.stop()
+    # 2. A test that hangs, and 3. a guest that oopses.
+    bed = Bed(args, workdir)
+    bed.start({3: "c", 4: "c"})
+    job = bed.guest(3).run("sleep 600")
+    if job.wait(3) is None:
+        res.ok("selftest hang detection",
+               " -> hung: command did not finish within 3 s")
+    else:
+        res.fail("selftest hang detection", "sleep returned early")
+    for what in ("WARNING", "EXCEPTION"):
+        bed.guest(4).sh(
+            f"echo {what} > /sys/kernel/debug/provoke-crash/DIRECT", 20)
+        time.sleep(1)
+        bad = bed.kernel_problems()
+        if bad:
+            res.ok(f"selftest kernel {what} detection", f" -> {bad[0]}")
+        else:
+            res.fail(f"selftest kernel {what} detection",
+                     "nothing found in the console (is LKDTM built in?)")
+    bed.stop()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--driver", default="c", choices=sorted(DRIVERS),
+                   help="transport in guest 3 (default c)")
+    p.add_argument("--peer", default="c", choices=sorted(DRIVERS),
+                   help="transport in guest 4 (default c)")
+    p.add_argument("--kernel", default="debug", help="kernel flavour")
+    p.add_argument("--only", type=int, action="append",
+                   help="run only this vsock_test id (repeatable)")
+    p.add_argument("--skip", type=int, action="append", default=[],
+                   help="skip this vsock_test id (repeatable)")
+    p.add_argument("--one-way", action="store_true",
+                   help="only the first role assignment")
+    p.add_argument("--diag", action="store_true",
+                   help="run vsock_diag_test also with --only")
+    p.add_argument("--timeout", type=int, default=120,
+                   help="seconds one test case may take (default 120)")
+    p.add_argument("--boot-timeout", type=int, default=90)
+    p.add_argument("--no-kmemleak", dest="kmemleak", action="store_false")
+    p.add_argument("--smp", type=int, default=2)
+    p.add_argument("--mem", type=int, default=512, help="MiB per guest")
+    p.add_argument("--append", default="", help="extra kernel parameters")
+    p.add_argument("--workdir", help="where logs go (default: a temp dir)")
+    p.add_argument("--selftest", action="store_true",
+                   help="check the runner's own failure detection")
+    p.add_argument("--extra-initrd", action="append", default=[],
+                   help="cpio archive appended to the initramfs")
+    args = p.parse_args()
+
+    args.qemu = shutil.which("qemu-system-x86_64")
+    args.kdir = os.environ.get("KDIR") or os.path.join(CACHE, "kernel",
+                                                        args.kernel)
+    args.device = os.environ.get("VSOCK_DEVICE") or os.path.join(
+        CACHE, "target", "release", "vsock-device")
+    args.vsock_test_host = os.path.join(CACHE, "vsock-tests", "bin",
+                                        "vsock_test")
+    base_initrd = os.path.join(CACHE, "initramfs", f"{args.kernel}.cpio.gz")
+    extras = os.path.join(CACHE, "initramfs", f"extras-{args.kernel}.cpio.gz")
+    if os.path.exists(extras):
+        args.extra_initrd.insert(0, extras)
+    need = {
+        "qemu-system-x86_64": args.qemu,
+        "kernel": os.path.join(args.kdir, "arch/x86/boot/bzImage"),
+        "vsock device": args.device,
+        "initramfs": base_initrd,
+        "vsock_test": args.vsock_test_host,
+    }
+    for what, path in need.items():
+        if not path or not os.path.exists(path):
+            sys.exit(f"error: {what} not found ({path}): run 'make setup "
+                     f"kernel' or the Makefile target that builds it")
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="vmtest-")
+    os.makedirs(args.workdir, exist_ok=True)
+    # One initramfs for both guests: the base one plus the extras.
+    args.initrd = os.path.join(args.workdir, "initrd.cpio.gz")
+    with open(args.initrd, "wb") as out:
+        for part in [base_initrd] + args.extra_initrd:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out)
+
+    res = Results()
+    t0 = time.monotonic()
+    try:
+        if args.selftest:
+            selftest(args, res)
+        else:
+            run_suite(args, res)
+    except RunError as e:
+        res.fail("runner", str(e))
+    except KeyboardInterrupt:
+        res.fail("runner", "interrupted")
+    log(f"logs in {args.workdir}; {time.monotonic() - t0:.0f} s")
+    if res.flaky:
+        log(f"flaky (passed on retry): {', '.join(res.flaky)}")
+    if res.failures:
+        log("failures:")
+        for f in res.failures:
+            log(f"  {f}")
+    log(f"{res.passed} passed, {res.failed} failed, {res.skipped} skipped")
+    sys.exit(1 if res.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
