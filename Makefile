@@ -5,6 +5,8 @@
 #
 #   make setup      install packages and tools (idempotent)
 #   make kernel     build the debug and perf guest kernels
+#   make run        the main job: two guests with the Rust driver, shown at work
+#   make shell      one guest with the Rust driver, on this terminal
 #   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
 #   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: vsock_perf/latency
 #   make check      every test the project has (what CI runs)
@@ -27,7 +29,7 @@ MODDIR = $(VSOCK_RS_CACHE)/module/$(FLAVOUR)
 MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
-.PHONY: module modules extras all setup kernel kernel-debug kernel-perf initramfs device \
+.PHONY: run shell module modules extras all setup kernel kernel-debug kernel-perf initramfs device \
 	vsock-tests vmtest vmtest-selftest bench check device-test clean help
 
 all: help
@@ -68,6 +70,14 @@ device: setup
 
 device-test: setup
 	@cargo test --quiet --locked --manifest-path tools/vsock-device/Cargo.toml
+
+# The main job defaults to the Rust driver; DRIVER=c on the command line
+# shows the C one.
+RUN_DRIVER = $(if $(filter command line,$(origin DRIVER)),$(DRIVER),rust)
+
+run shell:
+	@$(MAKE) --no-print-directory initramfs device extras DRIVER=$(RUN_DRIVER) PEER=$(RUN_DRIVER)
+	@tools/run.py --kernel $(FLAVOUR) --driver $(RUN_DRIVER) $(if $(filter shell,$@),--shell)
 
 vmtest: initramfs device extras
 	@tools/vmtest.py --kernel $(FLAVOUR) --driver $(DRIVER) --peer $(PEER) $(VMTEST_ARGS)

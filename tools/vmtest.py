@@ -47,6 +47,13 @@ BAD_CONSOLE = re.compile(
 # Rust module and its dependency, as the guest init names them.
 DRIVERS = {"c": "vmw_vsock_virtio_transport", "rust": "virtio_vsock_rs"}
 
+# Prints the Rust driver's counters in a guest (the C driver has none).
+COUNTERS_CMD = ("found=; for d in /sys/bus/virtio/devices/*/vsock_rs "
+                "/sys/kernel/debug/virtio_vsock_rs; do [ -d $d ] || continue; "
+                "found=1; cd $d; for f in *; do echo \"$f: $(cat $f)\"; done; "
+                "done; [ -n \"$found\" ] || echo 'no driver counters "
+                "(the C driver has none)'")
+
 
 class RunError(Exception):
     """A failure that ends the current case or the run, with its cause."""
@@ -567,7 +574,8 @@ def selftest(args, res):
     bed.stop()
 
 
-def main():
+def parse_args(argv=None):
+    """Parse the command line and check that every part of the bed exists."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--driver", default="c", choices=sorted(DRIVERS),
                    help="transport in guest 3 (default c)")
@@ -594,7 +602,7 @@ def main():
                    help="check the runner's own failure detection")
     p.add_argument("--extra-initrd", action="append", default=[],
                    help="cpio archive appended to the initramfs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     args.qemu = shutil.which("qemu-system-x86_64")
     args.kdir = os.environ.get("KDIR") or os.path.join(CACHE, "kernel",
@@ -626,7 +634,30 @@ def main():
         for part in [base_initrd] + args.extra_initrd:
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
+    return args
 
+
+def shell_cmd(args, driver, vhost_sock):
+    """QEMU command line for one interactive guest (CID 3) on a device."""
+    g = Guest(args, 3, args.workdir, vhost_sock, 0, 0, driver, args.initrd)
+    cmd = g.qemu_cmd()
+    # Console on stdio; no agent and no network.
+    drop = ("file:", "id=agent", "chardev:agent", "id=n0", "virtio-net-pci")
+    out = [cmd[0]]
+    i = 1
+    while i < len(cmd):
+        has_val = i + 1 < len(cmd) and not cmd[i + 1].startswith("-")
+        item = cmd[i:i + 2] if has_val else cmd[i:i + 1]
+        if not any(d in v for v in item for d in drop):
+            out += item
+        i += len(item)
+    k = out.index("-append") + 1
+    out[k] = out[k].replace("console=ttyS0", "console=ttyS0 tb.shell=1")
+    return out + ["-serial", "mon:stdio"]
+
+
+def main():
+    args = parse_args()
     res = Results()
     t0 = time.monotonic()
     try:
