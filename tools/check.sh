@@ -6,7 +6,7 @@
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$TOP"
-export CARGO_TARGET_DIR=$CACHE/target
+export CARGO_TARGET_DIR=$CACHE/target CACHE
 
 passed=0 failed=0 skipped=0
 log=$(mktemp -d "${TMPDIR:-/tmp}/check-XXXXXX")
@@ -26,6 +26,10 @@ count() {
 			f=$((f + $(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line")))
 			s=$((s + $(sed -E 's/.* ([0-9]+) ignored.*/\1/' <<<"$line")))
 		done < <(grep -E '^test result:' "$out")
+		# A step that prints no counts is one test, judged by its status.
+		if [ $((p + f + s)) = 0 ]; then
+			if [ "$2" = 0 ]; then p=1; else f=1; fi
+		fi
 	fi
 	s=${s:-0}
 	if [ "$2" != 0 ] && [ "$f" = 0 ]; then f=1; fi
@@ -43,13 +47,13 @@ step() {
 	count "$name" "$rc" >>"$log/summary"
 }
 
-make --no-print-directory setup kernel-debug initramfs device FLAVOUR=debug ||
+make --no-print-directory setup kernel-debug initramfs device extras FLAVOUR=debug ||
 	die "building the test bed failed: see the messages above"
 
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
-if [ -f tools/protocol-tests/Cargo.toml ]; then
-	step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml
-fi
+step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml
+step samples-unit cargo test --locked --manifest-path samples/Cargo.toml
+step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
 step runner-selftest tools/vmtest.py --kernel debug --selftest
 step vmtest-c-c tools/vmtest.py --kernel debug --driver c --peer c
 
