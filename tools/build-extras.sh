@@ -10,7 +10,7 @@ set -euo pipefail
 
 flavour=${1:-debug}
 ko=${2:-}
-out=$CACHE/initramfs/extras-$flavour.cpio.gz
+out=$CACHE/initramfs/extras-$flavour.cpio
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/bin" "$root/lib/modules"
@@ -19,6 +19,6 @@ if [ -n "$ko" ]; then
 	[ -f "$ko" ] || die "module $ko not found: build it with 'make module'"
 	cp "$ko" "$root/lib/modules/virtio_vsock_rs.ko"
 fi
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$out.tmp"
+(cd "$root" && find . | cpio -o -H newc --quiet) >"$out.tmp"
 mv "$out.tmp" "$out"
 msg "extras for $flavour: $out${ko:+ (with $(basename "$ko"))}"

@@ -21,7 +21,7 @@ for m in vmw_vsock_virtio_transport vmw_vsock_virtio_transport_common; do
 done
 [ ${#mods[@]} -gt 0 ] || die "vmw_vsock_virtio_transport.ko missing in $kdir: is CONFIG_VIRTIO_VSOCKETS=m?"
 
-img=$CACHE/initramfs/$flavour.cpio.gz
+img=$CACHE/initramfs/$flavour.cpio
 key=$(inputs_hash "$0" "$TOP/tools/guest/init" /bin/busybox "${mods[@]}" "$tests"/*)
 if [ "$(cat "$img.key" 2>/dev/null)" = "$key" ] && [ -f "$img" ]; then
 	msg "initramfs $flavour is up to date ($img)"
@@ -36,7 +36,7 @@ cp "$tests"/* "$root/bin/"
 strip "$root"/bin/vsock_* 2>/dev/null || true
 cp "${mods[@]}" "$root/lib/modules/"
 mkdir -p "$(dirname "$img")"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$img.tmp"
+(cd "$root" && find . | cpio -o -H newc --quiet) >"$img.tmp"
 mv "$img.tmp" "$img"
 echo "$key" >"$img.key"
 msg "initramfs $flavour: $img ($(du -h "$img" | cut -f1))"
