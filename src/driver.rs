@@ -1,0 +1,613 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The driver: what `net/vmw_vsock/virtio_transport.c` does, without `unsafe`.
+//!
+//! One [`Vsock`] per bound device holds the three virtqueues, each behind
+//! its own lock (`None` while the device is stopped, which plays the role of
+//! the C driver's `rx_run`/`tx_run`/`event_run`), the queue of packets
+//! waiting for room on the tx virtqueue, and the four work items. The active
+//! device is published in [`THE_VSOCK`] for the transport callbacks, as
+//! `the_virtio_vsock`.
+
+#![deny(unsafe_code)]
+
+use crate::{
+    kext::{new_try_mutex, DebugfsDir, RcuArc, TryMutex, WorkQueue},
+    protocol::{self as proto, Counter, Event},
+    skb::{Gfp, SkBuff, SkbQueue},
+    virtio::{self, Device, SgTable, Virtqueue},
+    vsock::{self, Transport, VsockSock},
+};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
+use kernel::{
+    alloc::KBox,
+    c_str, fmt, new_mutex,
+    prelude::*,
+    str::CString,
+    sync::{Arc, ArcBorrow, Mutex},
+    workqueue::{impl_has_work, new_work, HasWork, Work, WorkItem},
+};
+
+/// The transport ops table registered with the vsock core.
+static TRANSPORT: vsock::Ops<VsockTransport> = vsock::Ops::new();
+
+/// The device in use, as `the_virtio_vsock`.
+static THE_VSOCK: RcuArc<Vsock> = RcuArc::new();
+
+/// Whether a device is active: only one is driven at a time.
+static CLAIMED: AtomicBool = AtomicBool::new(false);
+
+/// Most rx packets handled by one run of the rx work before it yields.
+const RX_BUDGET: u32 = 256;
+
+/// Offset of `guest_cid` in the configuration space.
+const GUEST_CID_OFFSET: u32 = proto::CONFIG_GUEST_CID_OFFSET as u32;
+
+/// Work item IDs.
+const RX_WORK: u64 = 0;
+const TX_WORK: u64 = 1;
+const EVENT_WORK: u64 = 2;
+const SEND_PKT_WORK: u64 = 3;
+
+/// Counters and guest CID of a device, shown in debugfs.
+pub(crate) struct Stats {
+    guest_cid: AtomicU32,
+    counters: [AtomicU64; Counter::COUNT],
+}
+
+impl Stats {
+    fn add(&self, counter: Counter, n: u64) {
+        if let Some(c) = self.counters.get(counter.index()) {
+            c.fetch_add(n, Relaxed);
+        }
+    }
+
+    fn inc(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+}
+
+struct RxState {
+    vq: Virtqueue<SkBuff>,
+    buf_nr: u32,
+    buf_max_nr: u32,
+}
+
+struct TxState {
+    vq: Virtqueue<SkBuff>,
+    sg: KBox<SgTable>,
+}
+
+type EventBuf = KBox<[u8; proto::EVENT_SIZE]>;
+
+/// The state of one virtio socket device (`struct virtio_vsock`).
+#[pin_data]
+pub(crate) struct Vsock {
+    wq: WorkQueue,
+    stats: Arc<Stats>,
+    features: proto::Features,
+    /// Whether this device holds [`CLAIMED`].
+    active: AtomicBool,
+    queued_replies: AtomicI32,
+    rx_vring_size: AtomicU32,
+    tx_num_max: AtomicU32,
+    rx_buf_size: u32,
+    #[pin]
+    tx: TryMutex<Option<TxState>>,
+    #[pin]
+    rx: Mutex<Option<RxState>>,
+    #[pin]
+    event: Mutex<Option<Virtqueue<EventBuf>>>,
+    #[pin]
+    send_pkt_queue: SkbQueue,
+    #[pin]
+    debugfs: Mutex<Option<DebugfsDir<Stats>>>,
+    #[pin]
+    rx_work: Work<Vsock, RX_WORK>,
+    #[pin]
+    tx_work: Work<Vsock, TX_WORK>,
+    #[pin]
+    event_work: Work<Vsock, EVENT_WORK>,
+    #[pin]
+    send_pkt_work: Work<Vsock, SEND_PKT_WORK>,
+}
+
+impl_has_work! {
+    impl HasWork<Self, RX_WORK> for Vsock { self.rx_work }
+    impl HasWork<Self, TX_WORK> for Vsock { self.tx_work }
+    impl HasWork<Self, EVENT_WORK> for Vsock { self.event_work }
+    impl HasWork<Self, SEND_PKT_WORK> for Vsock { self.send_pkt_work }
+}
+
+impl WorkItem<RX_WORK> for Vsock {
+    type Pointer = Arc<Vsock>;
+    fn run(this: Arc<Vsock>) {
+        this.rx_work();
+    }
+}
+
+impl WorkItem<TX_WORK> for Vsock {
+    type Pointer = Arc<Vsock>;
+    fn run(this: Arc<Vsock>) {
+        this.tx_work();
+    }
+}
+
+impl WorkItem<EVENT_WORK> for Vsock {
+    type Pointer = Arc<Vsock>;
+    fn run(this: Arc<Vsock>) {
+        this.event_work();
+    }
+}
+
+impl WorkItem<SEND_PKT_WORK> for Vsock {
+    type Pointer = Arc<Vsock>;
+    fn run(this: Arc<Vsock>) {
+        this.send_pkt_work();
+    }
+}
+
+impl Vsock {
+    fn guest_cid(&self) -> u32 {
+        self.stats.guest_cid.load(Relaxed)
+    }
+
+    /// Queues work item `ID` on the device's workqueue, unless already queued.
+    fn queue_work<const ID: u64>(self: &Arc<Self>)
+    where
+        Self: WorkItem<ID, Pointer = Arc<Self>> + HasWork<Self, ID>,
+    {
+        let _ = self.wq.enqueue::<Arc<Self>, ID>(self.clone());
+    }
+
+    /// Sets the guest CID from the configuration field `guest_cid`
+    /// (`virtio_vsock_update_guest_cid()`); keeps the old one if `raw` is invalid.
+    fn update_guest_cid(&self, raw: u64) -> Result {
+        match proto::guest_cid_from_config(raw) {
+            Ok(cid) => {
+                self.stats.guest_cid.store(cid, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.inc(Counter::ConfigBadCid);
+                pr_err!("invalid guest CID in config space: {:?}\n", e);
+                Err(EINVAL)
+            }
+        }
+    }
+
+    /// Posts rx buffers until the queue is full (`virtio_vsock_rx_fill()`).
+    fn rx_fill(&self, rx: &mut RxState) {
+        loop {
+            let Some(skb) = SkBuff::alloc_rx(self.rx_buf_size, Gfp::Kernel) else {
+                self.stats.inc(Counter::RxRefillFailures);
+                break;
+            };
+            if rx
+                .vq
+                .add_skb_in(skb, self.rx_buf_size, Gfp::Kernel)
+                .is_err()
+            {
+                self.stats.inc(Counter::RxRefillFailures);
+                break;
+            }
+            rx.buf_nr += 1;
+            if rx.vq.num_free() == 0 {
+                break;
+            }
+        }
+        rx.buf_max_nr = rx.buf_max_nr.max(rx.buf_nr);
+        rx.vq.kick();
+        self.stats.inc(Counter::RxRefills);
+    }
+
+    /// Validates a used rx buffer and hands it to the common code.
+    fn rx_one(&self, mut skb: SkBuff, used_len: u32) {
+        let hdr = match proto::validate_rx(
+            used_len,
+            self.rx_buf_size,
+            skb.hdr(),
+            self.guest_cid(),
+            self.features,
+        ) {
+            Ok(hdr) => hdr,
+            Err(reason) => {
+                self.stats.inc(Counter::RxDropped(reason));
+                return;
+            }
+        };
+        // Cannot fail: `validate_rx` checked the payload fits in the buffer.
+        if skb.put(hdr.payload_len()).is_err() {
+            self.stats
+                .inc(Counter::RxDropped(proto::DropReason::PayloadTooLong));
+            return;
+        }
+        self.stats.inc(Counter::RxPackets);
+        self.stats.add(Counter::RxBytes, hdr.payload_len().into());
+        vsock::deliver_tap(&skb);
+        TRANSPORT.recv_pkt(skb);
+    }
+
+    /// `virtio_transport_rx_work()`, handling at most [`RX_BUDGET`] packets per run.
+    fn rx_work(self: &Arc<Self>) {
+        let mut guard = self.rx.lock();
+        let Some(rx) = guard.as_mut() else {
+            return;
+        };
+        let vring_size = rx.vq.vring_size();
+        let mut budget = RX_BUDGET;
+        'work: loop {
+            rx.vq.disable_cb();
+            loop {
+                let replies = u32::try_from(self.queued_replies.load(Relaxed)).unwrap_or(0);
+                if !proto::more_replies(replies, vring_size) {
+                    // Stop rx until the device has taken the pending replies; the
+                    // send_pkt work restarts rx. Callbacks stay disabled.
+                    self.stats.inc(Counter::RxRepliesThrottled);
+                    break 'work;
+                }
+                if budget == 0 {
+                    self.queue_work::<RX_WORK>();
+                    break 'work;
+                }
+                let Some((skb, len)) = rx.vq.get_buf() else {
+                    break;
+                };
+                budget -= 1;
+                rx.buf_nr = rx.buf_nr.saturating_sub(1);
+                self.rx_one(skb, len);
+            }
+            if rx.vq.enable_cb() {
+                break;
+            }
+        }
+        if proto::rx_refill_needed(rx.buf_nr, rx.buf_max_nr) {
+            self.rx_fill(rx);
+        }
+    }
+
+    /// Adds `skb` to the tx virtqueue (`virtio_transport_send_skb()`); the caller kicks.
+    fn send_skb(&self, tx: &mut TxState, skb: SkBuff, gfp: Gfp) -> Result<(), SkBuff> {
+        let len = skb.len();
+        match tx.vq.add_skb_out(skb, &mut tx.sg, gfp) {
+            Ok(skb) => vsock::deliver_tap(skb),
+            Err(skb) => {
+                self.stats.inc(Counter::TxQueueFull);
+                return Err(skb);
+            }
+        }
+        self.stats.inc(Counter::TxPackets);
+        self.stats.add(Counter::TxBytes, len.into());
+        Ok(())
+    }
+
+    /// `virtio_transport_send_pkt_work()`: moves queued packets to the tx virtqueue.
+    fn send_pkt_work(self: &Arc<Self>) {
+        let mut restart_rx = false;
+        {
+            let mut guard = self.tx.lock();
+            let Some(tx) = guard.as_mut() else {
+                return;
+            };
+            let rx_vring_size = self.rx_vring_size.load(Relaxed);
+            let mut added = false;
+            while let Some(skb) = self.send_pkt_queue.pop_front() {
+                let reply = skb.is_reply();
+                if let Err(skb) = self.send_skb(tx, skb, Gfp::Kernel) {
+                    self.send_pkt_queue.push_front(skb);
+                    break;
+                }
+                if reply {
+                    let left = self.queued_replies.fetch_sub(1, Relaxed) - 1;
+                    let left = u32::try_from(left).unwrap_or(u32::MAX);
+                    restart_rx |= proto::reply_sent_restarts_rx(left, rx_vring_size);
+                }
+                added = true;
+            }
+            if added {
+                tx.vq.kick();
+            }
+        }
+        if restart_rx {
+            self.queue_work::<RX_WORK>();
+        }
+    }
+
+    /// `virtio_transport_send_pkt()`, under RCU: the fast path or the queue.
+    fn send_pkt(self: &Arc<Self>, skb: SkBuff) -> Result<u32> {
+        let len = skb.len();
+        let dst_cid = proto::Hdr::parse(skb.hdr()).map_or(0, |hdr| hdr.dst_cid);
+        if !proto::tx_dst_allowed(dst_cid, self.guest_cid()) {
+            self.stats.inc(Counter::TxDstSelf);
+            return Err(ENODEV);
+        }
+        // Keep packets in order: bypass the queue only if it is empty, and
+        // only if the tx virtqueue is free right now.
+        let skb = if self.send_pkt_queue.is_empty_lockless() {
+            match self.send_fast(skb) {
+                Ok(()) => return Ok(len),
+                Err(skb) => skb,
+            }
+        } else {
+            skb
+        };
+        if skb.is_reply() {
+            self.queued_replies.fetch_add(1, Relaxed);
+        }
+        self.send_pkt_queue.push_back(skb);
+        self.queue_work::<SEND_PKT_WORK>();
+        Ok(len)
+    }
+
+    /// `virtio_transport_send_skb_fast_path()`: sends `skb` now if the tx lock is free.
+    fn send_fast(&self, skb: SkBuff) -> Result<(), SkBuff> {
+        let Some(mut guard) = self.tx.try_lock() else {
+            return Err(skb);
+        };
+        let Some(tx) = guard.as_mut() else {
+            return Err(skb);
+        };
+        self.send_skb(tx, skb, Gfp::Atomic)?;
+        tx.vq.kick();
+        Ok(())
+    }
+
+    /// `virtio_transport_tx_work()`: frees the packets the device has sent.
+    fn tx_work(self: &Arc<Self>) {
+        let mut added = false;
+        {
+            let mut guard = self.tx.lock();
+            let Some(tx) = guard.as_mut() else {
+                return;
+            };
+            loop {
+                tx.vq.disable_cb();
+                while let Some((skb, _)) = tx.vq.get_buf() {
+                    vsock::consume_skb_sent(skb);
+                    added = true;
+                }
+                if tx.vq.enable_cb() {
+                    break;
+                }
+            }
+        }
+        if added {
+            self.queue_work::<SEND_PKT_WORK>();
+        }
+    }
+
+    /// `virtio_transport_event_work()`: handles events and posts their buffers again.
+    fn event_work(self: &Arc<Self>) {
+        let mut guard = self.event.lock();
+        let Some(vq) = guard.as_mut() else {
+            return;
+        };
+        loop {
+            vq.disable_cb();
+            while let Some((buf, len)) = vq.get_buf() {
+                match proto::parse_event(len, &buf[..]) {
+                    Ok(Event::TransportReset) => {
+                        // The device may have moved (live migration): new CID, connections lost.
+                        self.stats.inc(Counter::EventTransportReset);
+                        let _ = self.update_guest_cid(vq.read_config_u64(GUEST_CID_OFFSET));
+                        TRANSPORT.reset_connected_sockets();
+                    }
+                    Ok(Event::Unknown(_)) => self.stats.inc(Counter::EventUnknown),
+                    Err(_) => self.stats.inc(Counter::EventBadLen),
+                }
+                let _ = vq.add_inbuf(buf, Gfp::Kernel);
+            }
+            if vq.enable_cb() {
+                break;
+            }
+        }
+        vq.kick();
+    }
+}
+
+/// The transport callbacks: `virtio_transport_send_pkt()` and friends.
+struct VsockTransport;
+
+// Each callback runs inside `THE_VSOCK.with()`, an RCU read-side critical
+// section as in C: it must not sleep, and `stop()` waits for it to finish.
+impl Transport for VsockTransport {
+    fn get_local_cid() -> u32 {
+        THE_VSOCK.with(|vsock| vsock.map_or(proto::VMADDR_CID_ANY, |v| v.guest_cid()))
+    }
+
+    fn send_pkt(skb: SkBuff) -> Result<u32> {
+        THE_VSOCK.with(|vsock| Arc::from(vsock.ok_or(ENODEV)?).send_pkt(skb))
+    }
+
+    fn cancel_pkt(vsk: &VsockSock) -> Result {
+        THE_VSOCK.with(|vsock| {
+            let vsock = Arc::from(vsock.ok_or(ENODEV)?);
+            let cnt = vsock.send_pkt_queue.purge_sock(vsk);
+            if cnt != 0 {
+                let delta = i32::try_from(cnt).unwrap_or(i32::MAX);
+                let left = vsock.queued_replies.fetch_sub(delta, Relaxed) - delta;
+                let left = u32::try_from(left).unwrap_or(u32::MAX);
+                if proto::cancel_restarts_rx(left, cnt, vsock.rx_vring_size.load(Relaxed)) {
+                    vsock.queue_work::<RX_WORK>();
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn can_msgzerocopy(bufs_num: i32) -> bool {
+        // The whole packet must fit in the tx virtqueue, or it would be
+        // requeued forever (see `virtio_transport_can_msgzerocopy()`).
+        THE_VSOCK.with(|vsock| {
+            vsock.is_some_and(|v| {
+                u32::try_from(bufs_num).is_ok_and(|n| n <= v.tx_num_max.load(Relaxed))
+            })
+        })
+    }
+
+    fn seqpacket_allow(_remote_cid: u32) -> bool {
+        THE_VSOCK.with(|vsock| vsock.is_some_and(|v| v.features.allows(proto::Type::SeqPacket)))
+    }
+
+    fn msgzerocopy_allow() -> bool {
+        true
+    }
+}
+
+impl virtio::Driver for Vsock {
+    const NAME: &'static CStr = c_str!("virtio_vsock_rs");
+    const DEVICE_ID: u32 = proto::VIRTIO_ID_VSOCK;
+    const FEATURES: &'static [u32] = &proto::DRIVER_FEATURES;
+
+    fn probe(dev: &Device<Self>) -> Result<Arc<Self>> {
+        let features = proto::DRIVER_FEATURES
+            .iter()
+            .filter(|&&bit| dev.has_feature(bit))
+            .fold(proto::Features::NONE, |f, &bit| f.with(bit));
+        let stats = Arc::new(
+            Stats {
+                guest_cid: AtomicU32::new(proto::VMADDR_CID_ANY),
+                counters: [const { AtomicU64::new(0) }; Counter::COUNT],
+            },
+            GFP_KERNEL,
+        )?;
+        let wq = WorkQueue::new(c_str!("virtio_vsock_rs"))?;
+        Arc::pin_init(
+            pin_init!(Self {
+                wq,
+                stats,
+                features,
+                active: AtomicBool::new(false),
+                queued_replies: AtomicI32::new(0),
+                rx_vring_size: AtomicU32::new(0),
+                tx_num_max: AtomicU32::new(0),
+                rx_buf_size: crate::skb::RX_BUF_SIZE,
+                tx <- new_try_mutex!(None, "Vsock::tx"),
+                rx <- new_mutex!(None, "Vsock::rx"),
+                event <- new_mutex!(None, "Vsock::event"),
+                send_pkt_queue <- SkbQueue::new(),
+                debugfs <- new_mutex!(None, "Vsock::debugfs"),
+                rx_work <- new_work!("Vsock::rx_work"),
+                tx_work <- new_work!("Vsock::tx_work"),
+                event_work <- new_work!("Vsock::event_work"),
+                send_pkt_work <- new_work!("Vsock::send_pkt_work"),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// `virtio_vsock_vqs_init()` and `virtio_vsock_vqs_start()`.
+    fn start(this: &Arc<Self>, dev: &Device<Self>) -> Result {
+        if CLAIMED.swap(true, Relaxed) {
+            return Err(EBUSY);
+        }
+        this.start_claimed(dev)
+            .inspect_err(|_| CLAIMED.store(false, Relaxed))?;
+        this.active.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// `virtio_vsock_vqs_del()` and the flushes of `virtio_vsock_remove()`.
+    fn stop(this: &Arc<Self>, dev: &Device<Self>) {
+        if !this.active.swap(false, Relaxed) {
+            return;
+        }
+        THE_VSOCK.replace(None);
+        // Reset all connected sockets when the virtqueues disappear.
+        TRANSPORT.reset_connected_sockets();
+        // Taking the queues stops the work items, as clearing `*_run` in C.
+        let rx = this.rx.lock().take();
+        let tx = this.tx.lock().take();
+        let event = this.event.lock().take();
+        if let (Some(rx), Some(tx), Some(event)) = (rx, tx, event) {
+            dev.reset_and_del_vqs([rx.vq.into(), tx.vq.into(), event.into()]);
+        }
+        this.send_pkt_queue.purge();
+        this.wq.flush();
+        *this.debugfs.lock() = None;
+        CLAIMED.store(false, Relaxed);
+    }
+
+    fn vq_done(this: ArcBorrow<'_, Self>, index: u32) {
+        let this = Arc::from(this);
+        match index as usize {
+            proto::VQ_RX => this.queue_work::<RX_WORK>(),
+            proto::VQ_TX => this.queue_work::<TX_WORK>(),
+            proto::VQ_EVENT => this.queue_work::<EVENT_WORK>(),
+            _ => (),
+        }
+    }
+}
+
+impl Vsock {
+    fn start_claimed(self: &Arc<Self>, dev: &Device<Self>) -> Result {
+        self.queued_replies.store(0, Relaxed);
+        let sg = SgTable::new()?;
+        let mut events = KVec::with_capacity(proto::EVENT_BUFS, GFP_KERNEL)?;
+        for _ in 0..proto::EVENT_BUFS {
+            events.push(KBox::new([0u8; proto::EVENT_SIZE], GFP_KERNEL)?, GFP_KERNEL)?;
+        }
+        let [rx, tx, event] = dev.find_vqs([c_str!("rx"), c_str!("tx"), c_str!("event")])?;
+        let (rx, tx, mut event) = (
+            Virtqueue::<SkBuff>::from(rx),
+            Virtqueue::<SkBuff>::from(tx),
+            Virtqueue::<EventBuf>::from(event),
+        );
+        if let Err(e) = self.update_guest_cid(dev.read_config_u64(GUEST_CID_OFFSET)) {
+            dev.reset_and_del_vqs([rx.into(), tx.into(), event.into()]);
+            return Err(e);
+        }
+        dev.ready();
+        self.rx_vring_size.store(rx.vring_size(), Relaxed);
+        self.tx_num_max.store(tx.num_max(), Relaxed);
+        THE_VSOCK.replace(Some(self.clone()));
+
+        *self.tx.lock() = Some(TxState { vq: tx, sg });
+        let mut rx_state = RxState {
+            vq: rx,
+            buf_nr: 0,
+            buf_max_nr: 0,
+        };
+        self.rx_fill(&mut rx_state);
+        *self.rx.lock() = Some(rx_state);
+        for buf in events {
+            let _ = event.add_inbuf(buf, Gfp::Kernel);
+        }
+        event.kick();
+        *self.event.lock() = Some(event);
+        *self.debugfs.lock() = self.debugfs_dir().ok();
+
+        // Send what was queued before the tx virtqueue was there.
+        self.queue_work::<SEND_PKT_WORK>();
+        Ok(())
+    }
+
+    /// Creates `/sys/kernel/debug/virtio_vsock_rs/`: `guest_cid` and one file per counter.
+    fn debugfs_dir(&self) -> Result<DebugfsDir<Stats>> {
+        let dir = DebugfsDir::new(c_str!("virtio_vsock_rs"), self.stats.clone());
+        dir.add_u32(c_str!("guest_cid"), |s| &s.guest_cid);
+        for counter in Counter::iter() {
+            let name = CString::try_from_fmt(fmt!("{}", counter.name()))?;
+            dir.add_u64(&name, |s| &s.counters[counter.index()]);
+        }
+        Ok(dir)
+    }
+}
+
+/// The module: registers the transport, then the virtio driver.
+pub(crate) struct VsockModule {
+    // Dropped in declaration order: the driver first, as `virtio_vsock_exit()`.
+    _driver: virtio::Registration<Vsock>,
+    _transport: vsock::Registration<VsockTransport>,
+}
+
+impl kernel::Module for VsockModule {
+    fn init(module: &'static ThisModule) -> Result<Self> {
+        let transport = TRANSPORT.register(module)?;
+        let driver = virtio::Registration::new(module)?;
+        Ok(Self {
+            _driver: driver,
+            _transport: transport,
+        })
+    }
+}

@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Non-inline wrappers of the static inline functions and macros that
+ * virtio_vsock_rs needs; declared in bindings_helper.h.
+ */
+#include "bindings_helper.h"
+
+bool vsock_rs_virtio_has_feature(const struct virtio_device *vdev,
+				 unsigned int fbit)
+{
+	return virtio_has_feature(vdev, fbit);
+}
+
+u64 vsock_rs_virtio_cread64(struct virtio_device *vdev, unsigned int offset)
+{
+	return virtio_cread64(vdev, offset);
+}
+
+int vsock_rs_virtio_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
+			     struct virtqueue *vqs[],
+			     struct virtqueue_info vqs_info[])
+{
+	return virtio_find_vqs(vdev, nvqs, vqs, vqs_info, NULL);
+}
+
+void vsock_rs_virtio_del_vqs(struct virtio_device *vdev)
+{
+	vdev->config->del_vqs(vdev);
+}
+
+size_t vsock_rs_virtio_nr_vqs(struct virtio_device *vdev)
+{
+	return list_count_nodes(&vdev->vqs);
+}
+
+void vsock_rs_virtio_device_ready(struct virtio_device *vdev)
+{
+	virtio_device_ready(vdev);
+}
+
+struct virtio_device *vsock_rs_dev_to_virtio(struct device *dev)
+{
+	return dev_to_virtio(dev);
+}
+
+void vsock_rs_kfree_skb(struct sk_buff *skb)
+{
+	kfree_skb(skb);
+}
+
+struct sk_buff *vsock_rs_alloc_linear_skb(unsigned int size, gfp_t mask)
+{
+	return virtio_vsock_alloc_linear_skb(size, mask);
+}
+
+struct virtio_vsock_hdr *vsock_rs_skb_hdr(struct sk_buff *skb)
+{
+	return virtio_vsock_hdr(skb);
+}
+
+size_t vsock_rs_skb_buf_len(struct sk_buff *skb)
+{
+	return virtio_vsock_skb_len(skb);
+}
+
+unsigned int vsock_rs_skb_tailroom(struct sk_buff *skb)
+{
+	return skb_tailroom(skb);
+}
+
+void vsock_rs_skb_put(struct sk_buff *skb, u32 len)
+{
+	virtio_vsock_skb_put(skb, len);
+}
+
+bool vsock_rs_skb_reply(struct sk_buff *skb)
+{
+	return virtio_vsock_skb_reply(skb);
+}
+
+bool vsock_rs_skb_is_nonlinear(struct sk_buff *skb)
+{
+	return skb_is_nonlinear(skb);
+}
+
+unsigned int vsock_rs_skb_headroom(struct sk_buff *skb)
+{
+	return skb_headroom(skb);
+}
+
+unsigned int vsock_rs_skb_nr_frags(struct sk_buff *skb)
+{
+	return skb_shinfo(skb)->nr_frags;
+}
+
+/*
+ * As virtio_transport_send_skb(): page_to_virt() of a user page is fine,
+ * the virtio and DMA layers only use it to compute the physical address.
+ */
+void *vsock_rs_skb_frag_virt(struct sk_buff *skb, unsigned int i,
+			     unsigned int *len)
+{
+	skb_frag_t *frag = &skb_shinfo(skb)->frags[i];
+
+	*len = skb_frag_size(frag);
+	return page_to_virt(skb_frag_page(frag)) + skb_frag_off(frag);
+}
+
+void vsock_rs_skb_queue_head_init(struct sk_buff_head *list)
+{
+	skb_queue_head_init(list);
+}
+
+void vsock_rs_skb_queue_head(struct sk_buff_head *list, struct sk_buff *skb)
+{
+	virtio_vsock_skb_queue_head(list, skb);
+}
+
+void vsock_rs_skb_queue_tail(struct sk_buff_head *list, struct sk_buff *skb)
+{
+	virtio_vsock_skb_queue_tail(list, skb);
+}
+
+struct sk_buff *vsock_rs_skb_dequeue(struct sk_buff_head *list)
+{
+	return virtio_vsock_skb_dequeue(list);
+}
+
+void vsock_rs_skb_queue_purge(struct sk_buff_head *list)
+{
+	virtio_vsock_skb_queue_purge(list);
+}
+
+bool vsock_rs_skb_queue_empty_lockless(const struct sk_buff_head *list)
+{
+	return skb_queue_empty_lockless(list);
+}
+
+void vsock_rs_rcu_read_lock(void)
+{
+	rcu_read_lock();
+}
+
+void vsock_rs_rcu_read_unlock(void)
+{
+	rcu_read_unlock();
+}
+
+void vsock_rs_mutex_lock(struct mutex *lock)
+{
+	mutex_lock(lock);
+}
+
+/* As virtio_vsock_reset_sock(): called under vsock_table_lock. */
+void vsock_rs_reset_sock(struct sock *sk)
+{
+	sk->sk_state = TCP_CLOSE;
+	sk->sk_err = ECONNRESET;
+	sk_error_report(sk);
+}

@@ -1,0 +1,245 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Socket buffers of virtio vsock packets.
+//!
+//! [`Skb`] is a borrowed `struct sk_buff`, [`SkBuff`] an owned one, freed
+//! when dropped, and [`SkbQueue`] a `struct sk_buff_head` of owned buffers.
+//! Every one of them starts with a `struct virtio_vsock_hdr` at `skb->head`
+//! (`VIRTIO_VSOCK_SKB_HEADROOM`), as the common vsock code allocates them.
+//!
+//! C headers: [`include/linux/skbuff.h`](srctree/include/linux/skbuff.h),
+//! [`include/linux/virtio_vsock.h`](srctree/include/linux/virtio_vsock.h).
+
+use crate::{bindings, protocol::HDR_SIZE, vsock::VsockSock};
+use core::{ops::Deref, ptr::NonNull};
+use kernel::{prelude::*, types::Opaque};
+
+/// Memory allocation flags of the functions that may allocate.
+#[derive(Clone, Copy)]
+pub(crate) enum Gfp {
+    /// `GFP_KERNEL`: may sleep.
+    Kernel,
+    /// `GFP_ATOMIC`: does not sleep.
+    Atomic,
+}
+
+impl Gfp {
+    pub(crate) fn as_raw(self) -> bindings::gfp_t {
+        match self {
+            Gfp::Kernel => bindings::GFP_KERNEL,
+            Gfp::Atomic => bindings::GFP_ATOMIC,
+        }
+    }
+}
+
+/// A borrowed socket buffer of a virtio vsock packet.
+///
+/// # Invariants
+///
+/// `.0` is a valid `struct sk_buff` whose head holds a `struct virtio_vsock_hdr`.
+#[repr(transparent)]
+pub(crate) struct Skb(Opaque<bindings::sk_buff>);
+
+impl Skb {
+    /// Returns a reference to the socket buffer at `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must point to a valid `sk_buff` whose head holds a `virtio_vsock_hdr`, and stay
+    /// so for `'a`.
+    pub(crate) unsafe fn from_raw<'a>(ptr: *mut bindings::sk_buff) -> &'a Self {
+        // CAST: `Skb` is a transparent wrapper of `sk_buff`.
+        // SAFETY: By the safety requirements the pointer is valid for `'a`.
+        unsafe { &*ptr.cast::<Self>() }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut bindings::sk_buff {
+        self.0.get()
+    }
+
+    /// Returns the length of the payload (`skb->len`).
+    pub(crate) fn len(&self) -> u32 {
+        // SAFETY: By the type invariant the buffer is valid.
+        unsafe { (*self.as_ptr()).len }
+    }
+
+    /// Returns the bytes of the packet header (`virtio_vsock_hdr(skb)`).
+    pub(crate) fn hdr(&self) -> &[u8; HDR_SIZE] {
+        // SAFETY: By the type invariant the buffer is valid.
+        let hdr = unsafe { bindings::vsock_rs_skb_hdr(self.as_ptr()) };
+        // CAST: `virtio_vsock_hdr` is a packed struct of `HDR_SIZE` bytes.
+        // SAFETY: By the type invariant the head holds a header, which lives as long as `self`.
+        unsafe { &*hdr.cast::<[u8; HDR_SIZE]>() }
+    }
+
+    /// Returns whether this packet is a reply to a received one (`virtio_vsock_skb_reply()`).
+    pub(crate) fn is_reply(&self) -> bool {
+        // SAFETY: By the type invariant the buffer is valid.
+        unsafe { bindings::vsock_rs_skb_reply(self.as_ptr()) }
+    }
+
+    /// Returns the size of the buffer from the header on (`virtio_vsock_skb_len()`).
+    pub(crate) fn buf_len(&self) -> usize {
+        // SAFETY: By the type invariant the buffer is valid.
+        unsafe { bindings::vsock_rs_skb_buf_len(self.as_ptr()) }
+    }
+}
+
+/// An owned socket buffer of a virtio vsock packet.
+///
+/// # Invariants
+///
+/// `.0` satisfies the invariants of [`Skb`] and this value owns it: nothing else frees it.
+pub(crate) struct SkBuff(NonNull<Skb>);
+
+// SAFETY: A socket buffer that nobody else owns can be used and freed from any thread.
+unsafe impl Send for SkBuff {}
+
+impl SkBuff {
+    /// Allocates a linear buffer for an rx packet of `size` bytes, header included.
+    ///
+    /// As `virtio_vsock_alloc_linear_skb()` plus the zeroing of the header in
+    /// `virtio_vsock_rx_fill()`.
+    pub(crate) fn alloc_rx(size: u32, gfp: Gfp) -> Option<Self> {
+        if (size as usize) < HDR_SIZE {
+            return None;
+        }
+        // SAFETY: No precondition.
+        let skb = NonNull::new(unsafe { bindings::vsock_rs_alloc_linear_skb(size, gfp.as_raw()) })?;
+        // SAFETY: The buffer was just allocated with room for `size >= HDR_SIZE` bytes from
+        // its head.
+        unsafe { core::ptr::write_bytes(bindings::vsock_rs_skb_hdr(skb.as_ptr()), 0, 1) };
+        // INVARIANT: The buffer is new, so ours, and its head holds a (zeroed) header.
+        Some(Self(skb.cast()))
+    }
+
+    /// Takes ownership of the socket buffer at `ptr`, if not null.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be null or point to a valid `sk_buff` whose head holds a
+    /// `virtio_vsock_hdr`, owned by the caller, who hands that ownership over.
+    pub(crate) unsafe fn from_raw(ptr: *mut bindings::sk_buff) -> Option<Self> {
+        // INVARIANT: By the safety requirements.
+        NonNull::new(ptr.cast::<Skb>()).map(Self)
+    }
+
+    /// Gives up ownership, returning the raw pointer.
+    pub(crate) fn into_raw(self) -> *mut bindings::sk_buff {
+        let ptr = self.as_ptr();
+        core::mem::forget(self);
+        ptr
+    }
+
+    /// Marks `len` received payload bytes after the header as data (`virtio_vsock_skb_put()`).
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` if the buffer already has data or `len` does not fit after the header.
+    pub(crate) fn put(&mut self, len: u32) -> Result {
+        // SAFETY: By the type invariant the buffer is valid.
+        let room = unsafe { bindings::vsock_rs_skb_tailroom(self.as_ptr()) };
+        if self.len() != 0 || len > room {
+            return Err(EINVAL);
+        }
+        if len != 0 {
+            // SAFETY: The buffer is ours and empty, and `len` fits in its tail room.
+            unsafe { bindings::vsock_rs_skb_put(self.as_ptr(), len) };
+        }
+        Ok(())
+    }
+}
+
+impl Deref for SkBuff {
+    type Target = Skb;
+
+    fn deref(&self) -> &Skb {
+        // SAFETY: By the type invariant the buffer is valid while we own it.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl Drop for SkBuff {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant we own the buffer.
+        unsafe { bindings::vsock_rs_kfree_skb(self.as_ptr()) };
+    }
+}
+
+/// A queue of owned socket buffers with its own spinlock (`struct sk_buff_head`).
+///
+/// # Invariants
+///
+/// `head` was initialised by `skb_queue_head_init()` and every buffer on it
+/// satisfies the invariants of [`SkBuff`] and is owned by the queue.
+#[pin_data(PinnedDrop)]
+pub(crate) struct SkbQueue {
+    #[pin]
+    head: Opaque<bindings::sk_buff_head>,
+}
+
+// SAFETY: The queue owns `Send` buffers and has its own lock.
+unsafe impl Send for SkbQueue {}
+// SAFETY: Every operation takes the queue's lock, except `is_empty_lockless`.
+unsafe impl Sync for SkbQueue {}
+
+impl SkbQueue {
+    /// Returns an initialiser of an empty queue.
+    pub(crate) fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            // SAFETY: `slot` is valid for writes.
+            head <- Opaque::ffi_init(|slot| unsafe { bindings::vsock_rs_skb_queue_head_init(slot) }),
+        })
+    }
+
+    /// Adds `skb` at the tail.
+    pub(crate) fn push_back(&self, skb: SkBuff) {
+        // SAFETY: The queue is initialised; it takes over the ownership of `skb`.
+        unsafe { bindings::vsock_rs_skb_queue_tail(self.head.get(), skb.into_raw()) };
+    }
+
+    /// Adds `skb` at the head.
+    pub(crate) fn push_front(&self, skb: SkBuff) {
+        // SAFETY: The queue is initialised; it takes over the ownership of `skb`.
+        unsafe { bindings::vsock_rs_skb_queue_head(self.head.get(), skb.into_raw()) };
+    }
+
+    /// Removes the buffer at the head.
+    pub(crate) fn pop_front(&self) -> Option<SkBuff> {
+        // SAFETY: The queue is initialised.
+        let skb = unsafe { bindings::vsock_rs_skb_dequeue(self.head.get()) };
+        // SAFETY: By the type invariant the queue owned the buffer, now unlinked and ours.
+        unsafe { SkBuff::from_raw(skb) }
+    }
+
+    /// Returns whether the queue is empty, without taking its lock.
+    pub(crate) fn is_empty_lockless(&self) -> bool {
+        // SAFETY: The queue is initialised.
+        unsafe { bindings::vsock_rs_skb_queue_empty_lockless(self.head.get()) }
+    }
+
+    /// Frees every buffer.
+    pub(crate) fn purge(&self) {
+        // SAFETY: The queue is initialised and owns its buffers.
+        unsafe { bindings::vsock_rs_skb_queue_purge(self.head.get()) };
+    }
+
+    /// Frees the buffers of socket `vsk`; returns how many were replies
+    /// (`virtio_transport_purge_skbs()`).
+    pub(crate) fn purge_sock(&self, vsk: &VsockSock) -> u32 {
+        // SAFETY: The queue is initialised and owns its buffers; `vsk` is a valid socket.
+        let n =
+            unsafe { bindings::virtio_transport_purge_skbs(vsk.as_ptr().cast(), self.head.get()) };
+        u32::try_from(n).unwrap_or(0)
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for SkbQueue {
+    fn drop(self: Pin<&mut Self>) {
+        self.purge();
+    }
+}
+
+/// Size of an rx buffer, header included (`VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE`).
+pub(crate) const RX_BUF_SIZE: u32 = bindings::VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE;

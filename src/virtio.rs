@@ -1,0 +1,670 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Virtio device drivers: devices, virtqueues and driver registration.
+//!
+//! A driver implements [`Driver`] and registers with [`Registration`]. Its
+//! state is an [`Arc`] stored in `vdev->priv` from probe to remove, so that
+//! virtqueue callbacks (in interrupt context) reach it.
+//!
+//! Virtqueues are typed by the token ([`Token`]) that owns each posted
+//! buffer. [`Device::find_vqs`] creates them and
+//! [`Device::reset_and_del_vqs`] takes every one of them back, resets the
+//! device, frees the buffers still posted and deletes the queues; dropping a
+//! [`Virtqueue`] only forgets it (and leaks its buffers).
+//!
+//! One rule is not enforced by the types: [`Driver::stop`] must hand every
+//! virtqueue back (the queues die with the device's transport). If a driver
+//! does not, its state is leaked rather than freed, and an error is logged.
+//!
+//! C headers: [`include/linux/virtio.h`](srctree/include/linux/virtio.h),
+//! [`include/linux/virtio_config.h`](srctree/include/linux/virtio_config.h).
+
+use crate::{
+    bindings,
+    skb::{Gfp, SkBuff, Skb},
+};
+use core::{ffi::c_void, marker::PhantomData, ptr};
+use kernel::{
+    alloc::KBox,
+    error::{from_result, to_result},
+    prelude::*,
+    sync::{Arc, ArcBorrow},
+    types::{ForeignOwnable, Opaque},
+    ThisModule,
+};
+
+/// A virtio driver whose per-device state is `Arc<Self>`.
+///
+/// The callbacks are called by [`Registration`]'s trampolines: `probe` then
+/// `start` when a device is bound, `stop` when it is removed, `stop` and
+/// `start` again around a system sleep (freeze/restore).
+pub(crate) trait Driver: Send + Sync + Sized + 'static {
+    /// Driver name.
+    const NAME: &'static CStr;
+    /// Virtio device ID served by the driver.
+    const DEVICE_ID: u32;
+    /// Device-specific feature bits the driver offers.
+    const FEATURES: &'static [u32];
+
+    /// Allocates the state of a newly bound device; no virtqueue exists yet.
+    fn probe(dev: &Device<Self>) -> Result<Arc<Self>>;
+
+    /// Sets up the virtqueues and starts the device (probe and restore).
+    ///
+    /// The state is already reachable from virtqueue callbacks. On error, the
+    /// driver must have deleted the virtqueues it created.
+    fn start(this: &Arc<Self>, dev: &Device<Self>) -> Result;
+
+    /// Stops the device and deletes its virtqueues (remove and freeze).
+    fn stop(this: &Arc<Self>, dev: &Device<Self>);
+
+    /// Called in interrupt context when virtqueue `index` has used buffers.
+    fn vq_done(this: ArcBorrow<'_, Self>, index: u32);
+}
+
+/// A virtio device bound to driver `T`.
+///
+/// # Invariants
+///
+/// `.0` is a valid `virtio_device` bound to the driver registered by
+/// `Registration<T>`, whose `priv` is null or an `Arc<T>` from
+/// [`ForeignOwnable::into_foreign`].
+#[repr(transparent)]
+pub(crate) struct Device<T>(Opaque<bindings::virtio_device>, PhantomData<T>);
+
+impl<T: Driver> Device<T> {
+    /// # Safety
+    ///
+    /// `ptr` must be a device bound to `Registration<T>`'s driver, valid for `'a`.
+    unsafe fn from_raw<'a>(ptr: *mut bindings::virtio_device) -> &'a Self {
+        // CAST: `Device<T>` is a transparent wrapper of `virtio_device`.
+        // SAFETY: By the safety requirements.
+        unsafe { &*ptr.cast::<Self>() }
+    }
+
+    fn as_ptr(&self) -> *mut bindings::virtio_device {
+        self.0.get()
+    }
+
+    /// Returns the index of the device (N in `virtioN`).
+    pub(crate) fn index(&self) -> i32 {
+        // SAFETY: By the type invariant the device is valid; `index` does not change.
+        unsafe { (*self.as_ptr()).index }
+    }
+
+    /// Returns whether feature `bit`, one of [`Driver::FEATURES`], was negotiated.
+    ///
+    /// Other bits are reported as not negotiated (`virtio_has_feature()` would `BUG()`).
+    pub(crate) fn has_feature(&self, bit: u32) -> bool {
+        // SAFETY: The device is valid and the driver offered `bit`.
+        T::FEATURES.contains(&bit)
+            && unsafe { bindings::vsock_rs_virtio_has_feature(self.as_ptr(), bit) }
+    }
+
+    /// Reads the little-endian 64-bit configuration field at `offset` (`virtio_cread64()`).
+    pub(crate) fn read_config_u64(&self, offset: u32) -> u64 {
+        // SAFETY: The device is valid and bound; the transport checks the offset.
+        unsafe { bindings::vsock_rs_virtio_cread64(self.as_ptr(), offset) }
+    }
+
+    /// Tells the device that the driver is ready (`virtio_device_ready()`).
+    pub(crate) fn ready(&self) {
+        // SAFETY: The device is valid.
+        unsafe { bindings::vsock_rs_virtio_device_ready(self.as_ptr()) };
+    }
+
+    fn nr_vqs(&self) -> usize {
+        // SAFETY: The device is valid; its queues change only in probe/remove paths.
+        unsafe { bindings::vsock_rs_virtio_nr_vqs(self.as_ptr()) }
+    }
+
+    /// Creates the device's virtqueues, one per name; callbacks go to [`Driver::vq_done`].
+    ///
+    /// # Errors
+    ///
+    /// `EBUSY` if the device already has virtqueues, or the transport's error.
+    pub(crate) fn find_vqs<const N: usize>(&self, names: [&'static CStr; N]) -> Result<[NewVq; N]> {
+        if self.nr_vqs() != 0 {
+            return Err(EBUSY);
+        }
+        let mut info = names.map(|name| bindings::virtqueue_info {
+            name: name.as_char_ptr(),
+            callback: Some(vq_callback::<T>),
+            ctx: false,
+        });
+        let mut vqs = [ptr::null_mut(); N];
+        let n = u32::try_from(N).map_err(|_| EINVAL)?;
+        // SAFETY: The device is valid and both arrays have `N` entries.
+        to_result(unsafe {
+            bindings::vsock_rs_virtio_find_vqs(
+                self.as_ptr(),
+                n,
+                vqs.as_mut_ptr(),
+                info.as_mut_ptr(),
+            )
+        })?;
+        if vqs.iter().any(|vq| vq.is_null()) {
+            // SAFETY: The device is valid; no handle to its queues exists.
+            unsafe { bindings::vsock_rs_virtio_del_vqs(self.as_ptr()) };
+            return Err(EINVAL);
+        }
+        // INVARIANT: The queues were just created, each handle is unique.
+        Ok(vqs.map(NewVq))
+    }
+
+    /// Resets the device, frees the buffers still posted and deletes all its virtqueues.
+    ///
+    /// As `virtio_vsock_vqs_del()`. `vqs` must be every virtqueue of the
+    /// device; otherwise nothing is done and the queues and their buffers
+    /// are leaked.
+    pub(crate) fn reset_and_del_vqs<const N: usize>(&self, vqs: [AnyVq; N]) {
+        // SAFETY: Reading `vdev` of a valid queue.
+        let ours = vqs.iter().all(|q| unsafe { (*q.vq).vdev } == self.as_ptr());
+        if !ours || self.nr_vqs() != N {
+            pr_err!(
+                "virtqueues of device {} not deleted: not all handed back\n",
+                self.index()
+            );
+            return;
+        }
+        // SAFETY: The device is valid. After the reset it uses no buffer any more.
+        unsafe { bindings::virtio_reset_device(self.as_ptr()) };
+        for q in &vqs {
+            loop {
+                // SAFETY: The queue is valid and the device reset.
+                let token = unsafe { bindings::virtqueue_detach_unused_buf(q.vq) };
+                if token.is_null() {
+                    break;
+                }
+                // SAFETY: By `AnyVq`'s invariant, every token on the queue is a `T` of `free`.
+                unsafe { (q.free)(token) };
+            }
+        }
+        // SAFETY: Every queue handle was handed back (checked above) and is consumed now.
+        unsafe { bindings::vsock_rs_virtio_del_vqs(self.as_ptr()) };
+    }
+}
+
+/// A virtqueue token: the owner of a buffer posted on a queue.
+pub(crate) trait Token: Send + Sized {
+    /// Returns the pointer [`Token::into_ptr`] returns, without giving up ownership.
+    fn token_ptr(&self) -> *mut c_void;
+
+    /// Gives up ownership of the buffer for the queue.
+    fn into_ptr(self) -> *mut c_void;
+
+    /// Takes the buffer back from the queue; `None` for a null `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be null or come from [`Token::into_ptr`] of this type, and not be used again.
+    unsafe fn from_ptr(ptr: *mut c_void) -> Option<Self>;
+}
+
+impl Token for SkBuff {
+    fn token_ptr(&self) -> *mut c_void {
+        self.as_ptr().cast()
+    }
+
+    fn into_ptr(self) -> *mut c_void {
+        self.into_raw().cast()
+    }
+
+    unsafe fn from_ptr(ptr: *mut c_void) -> Option<Self> {
+        // SAFETY: By the safety requirements `ptr` is null or an owned buffer from `into_raw`.
+        unsafe { SkBuff::from_raw(ptr.cast()) }
+    }
+}
+
+impl<const N: usize> Token for KBox<[u8; N]> {
+    fn token_ptr(&self) -> *mut c_void {
+        ptr::from_ref::<[u8; N]>(self).cast_mut().cast()
+    }
+
+    fn into_ptr(self) -> *mut c_void {
+        KBox::into_raw(self).cast()
+    }
+
+    unsafe fn from_ptr(ptr: *mut c_void) -> Option<Self> {
+        // SAFETY: By the safety requirements `ptr` is null or comes from `KBox::into_raw`.
+        (!ptr.is_null()).then(|| unsafe { KBox::from_raw(ptr.cast()) })
+    }
+}
+
+/// A virtqueue just created by [`Device::find_vqs`], to be converted into a [`Virtqueue`].
+///
+/// # Invariants
+///
+/// `.0` is a live (non-null) virtqueue, and this is its only handle.
+pub(crate) struct NewVq(*mut bindings::virtqueue);
+
+/// A virtqueue whose posted buffers are owned by tokens of type `T`.
+///
+/// # Invariants
+///
+/// `vq` is a live (non-null) virtqueue, this is its only handle, and every
+/// buffer on it was added with a `T` token.
+pub(crate) struct Virtqueue<T: Token> {
+    vq: *mut bindings::virtqueue,
+    _p: PhantomData<T>,
+}
+
+// SAFETY: Virtqueue operations may run on any thread; `&mut self` serialises them.
+unsafe impl<T: Token> Send for Virtqueue<T> {}
+// SAFETY: The `&self` methods only read constant fields of the queue.
+unsafe impl<T: Token> Sync for Virtqueue<T> {}
+
+impl<T: Token> From<NewVq> for Virtqueue<T> {
+    fn from(vq: NewVq) -> Self {
+        // INVARIANT: A new queue has no buffer yet.
+        Self {
+            vq: vq.0,
+            _p: PhantomData,
+        }
+    }
+}
+
+impl<T: Token> Virtqueue<T> {
+    fn as_ptr(&self) -> *mut bindings::virtqueue {
+        self.vq
+    }
+
+    /// Returns the number of descriptors of the ring (`virtqueue_get_vring_size()`).
+    pub(crate) fn vring_size(&self) -> u32 {
+        // SAFETY: By the type invariant the queue is live.
+        unsafe { bindings::virtqueue_get_vring_size(self.as_ptr()) }
+    }
+
+    /// Returns the largest number of descriptors the queue may have (`vq->num_max`).
+    pub(crate) fn num_max(&self) -> u32 {
+        // SAFETY: By the type invariant the queue is live; `num_max` is constant.
+        unsafe { (*self.as_ptr()).num_max }
+    }
+
+    /// Returns the number of free descriptors (`vq->num_free`).
+    pub(crate) fn num_free(&mut self) -> u32 {
+        // SAFETY: By the type invariant the queue is live; `&mut self` serialises updates.
+        unsafe { (*self.as_ptr()).num_free }
+    }
+
+    /// Reads a configuration field of the queue's device, as [`Device::read_config_u64`].
+    ///
+    /// A live queue means a bound device, so this is usable outside the driver callbacks.
+    pub(crate) fn read_config_u64(&mut self, offset: u32) -> u64 {
+        // SAFETY: By the type invariant the queue, hence its bound device, is live.
+        unsafe { bindings::vsock_rs_virtio_cread64((*self.as_ptr()).vdev, offset) }
+    }
+
+    /// Notifies the device of new buffers (`virtqueue_kick()`).
+    pub(crate) fn kick(&mut self) -> bool {
+        // SAFETY: By the type invariant the queue is live.
+        unsafe { bindings::virtqueue_kick(self.as_ptr()) }
+    }
+
+    /// Disables used-buffer callbacks (`virtqueue_disable_cb()`).
+    pub(crate) fn disable_cb(&mut self) {
+        // SAFETY: By the type invariant the queue is live.
+        unsafe { bindings::virtqueue_disable_cb(self.as_ptr()) };
+    }
+
+    /// Enables callbacks; returns `false` if buffers were used meanwhile (`virtqueue_enable_cb()`).
+    pub(crate) fn enable_cb(&mut self) -> bool {
+        // SAFETY: By the type invariant the queue is live.
+        unsafe { bindings::virtqueue_enable_cb(self.as_ptr()) }
+    }
+
+    /// Takes back a used buffer and the length the device wrote (`virtqueue_get_buf()`).
+    pub(crate) fn get_buf(&mut self) -> Option<(T, u32)> {
+        let mut len = 0;
+        // SAFETY: By the type invariant the queue is live.
+        let token = unsafe { bindings::virtqueue_get_buf(self.as_ptr(), &mut len) };
+        // SAFETY: By the type invariant every token on the queue is a `T`; it left the queue.
+        unsafe { T::from_ptr(token) }.map(|t| (t, len))
+    }
+
+    /// Adds a buffer made of `out` device-readable and `in_` device-writable
+    /// scatterlists, owned by `token`.
+    ///
+    /// # Safety
+    ///
+    /// Every entry of `sgs` must describe memory owned by `token`.
+    unsafe fn add_sgs(
+        &mut self,
+        sgs: &mut [*mut bindings::scatterlist],
+        out: usize,
+        token: T,
+        gfp: Gfp,
+    ) -> Result<(), T> {
+        let (Ok(n_out), Ok(n_in)) = (u32::try_from(out), u32::try_from(sgs.len() - out)) else {
+            return Err(token);
+        };
+        // SAFETY: The queue is live; the scatterlists describe memory owned by the token,
+        // which the queue owns from now on if this succeeds.
+        let ret = unsafe {
+            bindings::virtqueue_add_sgs(
+                self.as_ptr(),
+                sgs.as_mut_ptr(),
+                n_out,
+                n_in,
+                token.token_ptr(),
+                gfp.as_raw(),
+            )
+        };
+        if ret < 0 {
+            return Err(token);
+        }
+        let _ = token.into_ptr();
+        Ok(())
+    }
+}
+
+impl Virtqueue<SkBuff> {
+    /// Posts `skb` for the device to write `len` bytes from its header on
+    /// (as `virtio_vsock_rx_fill()`).
+    pub(crate) fn add_skb_in(&mut self, skb: SkBuff, len: u32, gfp: Gfp) -> Result<(), SkBuff> {
+        if len as usize > skb.buf_len() {
+            return Err(skb);
+        }
+        let sg = Opaque::<bindings::scatterlist>::uninit();
+        // SAFETY: `sg` is valid for writes; the buffer has `len` bytes from its header on.
+        unsafe {
+            bindings::sg_init_one(
+                sg.get(),
+                bindings::vsock_rs_skb_hdr(skb.as_ptr()).cast(),
+                len,
+            )
+        };
+        // SAFETY: The scatterlist describes memory owned by `skb`.
+        unsafe { self.add_sgs(&mut [sg.get()], 0, skb, gfp) }
+    }
+
+    /// Posts `skb` for the device to read: header, then linear data or page
+    /// fragments (as `virtio_transport_send_skb()`).
+    ///
+    /// Returns the buffer, now owned by the queue, for as long as the queue is borrowed.
+    pub(crate) fn add_skb_out<'a>(
+        &'a mut self,
+        skb: SkBuff,
+        sg: &mut SgTable,
+        gfp: Gfp,
+    ) -> Result<&'a Skb, SkBuff> {
+        let p = skb.as_ptr();
+        let mut sgs = [ptr::null_mut(); SG_MAX];
+        let mut n = 0;
+        let mut push = |addr: *mut c_void, len: u32| {
+            let entry = sg.0[n].get();
+            // SAFETY: `entry` is valid for writes; `addr` has `len` bytes owned by `skb`.
+            unsafe { bindings::sg_init_one(entry, addr, len) };
+            sgs[n] = entry;
+            n += 1;
+        };
+        // SAFETY: `p` is a valid buffer with a header at its head.
+        push(
+            unsafe { bindings::vsock_rs_skb_hdr(p) }.cast(),
+            crate::protocol::HDR_SIZE_U32,
+        );
+        // SAFETY: `p` is a valid buffer.
+        if !unsafe { bindings::vsock_rs_skb_is_nonlinear(p) } {
+            if skb.len() > 0 {
+                // SAFETY: `p` is valid; a linear buffer has `len` bytes at `data`.
+                push(unsafe { (*p).data }.cast(), skb.len());
+            }
+        } else {
+            // SAFETY: `p` is a valid buffer.
+            let nr_frags = unsafe { bindings::vsock_rs_skb_nr_frags(p) };
+            if nr_frags as usize >= SG_MAX {
+                return Err(skb);
+            }
+            for i in 0..nr_frags {
+                let mut len = 0;
+                // SAFETY: `p` is valid and `i < nr_frags`.
+                let va = unsafe { bindings::vsock_rs_skb_frag_virt(p, i, &mut len) };
+                push(va, len);
+            }
+        }
+        // SAFETY: Every scatterlist describes memory owned by `skb`.
+        unsafe { self.add_sgs(&mut sgs[..n], n, skb, gfp) }?;
+        // SAFETY: The queue owns the buffer, and keeps it until `get_buf` or
+        // `reset_and_del_vqs`, which both need the queue borrowed for longer than `'a`.
+        Ok(unsafe { Skb::from_raw(p) })
+    }
+}
+
+impl<const N: usize> Virtqueue<KBox<[u8; N]>> {
+    /// Posts `buf` for the device to write (`virtqueue_add_inbuf()`).
+    pub(crate) fn add_inbuf(
+        &mut self,
+        mut buf: KBox<[u8; N]>,
+        gfp: Gfp,
+    ) -> Result<(), KBox<[u8; N]>> {
+        let Ok(len) = u32::try_from(N) else {
+            return Err(buf);
+        };
+        let sg = Opaque::<bindings::scatterlist>::uninit();
+        // SAFETY: `sg` is valid for writes; `buf` has `N` bytes.
+        unsafe { bindings::sg_init_one(sg.get(), buf.as_mut_ptr().cast(), len) };
+        // SAFETY: The scatterlist describes memory owned by `buf`; a `KBox` does not move it.
+        unsafe { self.add_sgs(&mut [sg.get()], 0, buf, gfp) }
+    }
+}
+
+/// A virtqueue of any token type, handed back to [`Device::reset_and_del_vqs`].
+///
+/// # Invariants
+///
+/// As [`Virtqueue`]; `free` drops a token of the queue's type.
+pub(crate) struct AnyVq {
+    vq: *mut bindings::virtqueue,
+    free: unsafe fn(*mut c_void),
+}
+
+impl<T: Token> From<Virtqueue<T>> for AnyVq {
+    fn from(vq: Virtqueue<T>) -> Self {
+        /// # Safety
+        ///
+        /// `ptr` must be a token of type `T` taken off the queue.
+        unsafe fn free<T: Token>(ptr: *mut c_void) {
+            // SAFETY: By the safety requirements.
+            drop(unsafe { T::from_ptr(ptr) });
+        }
+        Self {
+            vq: vq.vq,
+            free: free::<T>,
+        }
+    }
+}
+
+/// Number of scatterlists of a transmitted packet: header and `MAX_SKB_FRAGS` fragments.
+const SG_MAX: usize = bindings::MAX_SKB_FRAGS as usize + 1;
+
+/// Scatterlists to transmit a packet, kept off the stack as in the C driver.
+pub(crate) struct SgTable([Opaque<bindings::scatterlist>; SG_MAX]);
+
+// SAFETY: The scatterlists are only scratch space, without pointers kept between uses.
+unsafe impl Send for SgTable {}
+
+impl SgTable {
+    /// Allocates a table.
+    pub(crate) fn new() -> Result<KBox<Self>> {
+        Ok(KBox::new(
+            Self([const { Opaque::uninit() }; SG_MAX]),
+            GFP_KERNEL,
+        )?)
+    }
+}
+
+/// Calls `T::vq_done` for the driver state of the queue's device.
+///
+/// # Safety
+///
+/// `vq` must be a live virtqueue of a device bound to `Registration<T>`'s driver.
+unsafe extern "C" fn vq_callback<T: Driver>(vq: *mut bindings::virtqueue) {
+    // SAFETY: By the safety requirements `vq` and its device are valid.
+    let (vdev, index) = unsafe { ((*vq).vdev, (*vq).index) };
+    // SAFETY: As above.
+    let data = unsafe { (*vdev).priv_ };
+    if data.is_null() {
+        return;
+    }
+    // SAFETY: By `Device`'s invariant `priv` is an `Arc<T>`; it is released only after the
+    // queues are deleted, which waits for callbacks.
+    let this = unsafe { <Arc<T> as ForeignOwnable>::borrow(data) };
+    T::vq_done(this, index);
+}
+
+/// The trampolines from the C virtio core to a [`Driver`].
+struct Adapter<T>(PhantomData<T>);
+
+impl<T: Driver> Adapter<T> {
+    /// Returns a new reference to the driver state of `dev`.
+    fn state(dev: &Device<T>) -> Option<Arc<T>> {
+        // SAFETY: The device is valid.
+        let data = unsafe { (*dev.as_ptr()).priv_ };
+        // SAFETY: By `Device`'s invariant `priv` is null or an `Arc<T>`, released only by
+        // `release`, which runs after the driver callbacks.
+        (!data.is_null()).then(|| Arc::from(unsafe { <Arc<T> as ForeignOwnable>::borrow(data) }))
+    }
+
+    /// Releases the driver state of `dev`; leaks it if the device still has virtqueues.
+    fn release(dev: &Device<T>) {
+        if dev.nr_vqs() != 0 {
+            pr_err!(
+                "device {} removed with live virtqueues: state leaked\n",
+                dev.index()
+            );
+            return;
+        }
+        // SAFETY: The device is valid; without queues no callback can run.
+        let data =
+            unsafe { ptr::replace(ptr::addr_of_mut!((*dev.as_ptr()).priv_), ptr::null_mut()) };
+        if !data.is_null() {
+            // SAFETY: `priv` held the reference from `into_foreign` in `probe`.
+            drop(unsafe { <Arc<T> as ForeignOwnable>::from_foreign(data) });
+        }
+    }
+
+    /// # Safety
+    ///
+    /// `vdev` must be a valid device being bound to this driver.
+    unsafe extern "C" fn probe(vdev: *mut bindings::virtio_device) -> i32 {
+        // SAFETY: By the safety requirements.
+        let dev = unsafe { Device::<T>::from_raw(vdev) };
+        from_result(|| {
+            let this = T::probe(dev)?;
+            // INVARIANT: `priv` holds an `Arc<T>` from `into_foreign`.
+            // SAFETY: The device is valid and its `priv` is ours.
+            unsafe { (*vdev).priv_ = this.clone().into_foreign().cast_mut() };
+            T::start(&this, dev).inspect_err(|_| Self::release(dev))?;
+            Ok(0)
+        })
+    }
+
+    /// # Safety
+    ///
+    /// `vdev` must be a valid device bound to this driver.
+    unsafe extern "C" fn remove(vdev: *mut bindings::virtio_device) {
+        // SAFETY: By the safety requirements.
+        let dev = unsafe { Device::<T>::from_raw(vdev) };
+        if let Some(this) = Self::state(dev) {
+            T::stop(&this, dev);
+        }
+        Self::release(dev);
+    }
+
+    /// # Safety
+    ///
+    /// `vdev` must be a valid device bound to this driver.
+    unsafe extern "C" fn freeze(vdev: *mut bindings::virtio_device) -> i32 {
+        // SAFETY: By the safety requirements.
+        let dev = unsafe { Device::<T>::from_raw(vdev) };
+        if let Some(this) = Self::state(dev) {
+            T::stop(&this, dev);
+        }
+        0
+    }
+
+    /// # Safety
+    ///
+    /// `vdev` must be a valid device bound to this driver.
+    unsafe extern "C" fn restore(vdev: *mut bindings::virtio_device) -> i32 {
+        // SAFETY: By the safety requirements.
+        let dev = unsafe { Device::<T>::from_raw(vdev) };
+        from_result(|| {
+            let this = Self::state(dev).ok_or(ENODEV)?;
+            T::start(&this, dev)?;
+            Ok(0)
+        })
+    }
+}
+
+/// The C structures of a registered driver.
+#[repr(C)]
+struct DriverTables {
+    driver: bindings::virtio_driver,
+    id_table: [bindings::virtio_device_id; 2],
+}
+
+/// A registered virtio driver; unregistered (removing its devices) when dropped.
+///
+/// # Invariants
+///
+/// `tables` holds the `virtio_driver` registered with the virtio core, whose
+/// callbacks are `Adapter<T>`'s.
+pub(crate) struct Registration<T: Driver> {
+    tables: Pin<KBox<Opaque<DriverTables>>>,
+    _p: PhantomData<T>,
+}
+
+// SAFETY: Unregistering may happen on any thread.
+unsafe impl<T: Driver> Send for Registration<T> {}
+// SAFETY: `&Registration` gives no access to anything.
+unsafe impl<T: Driver> Sync for Registration<T> {}
+
+impl<T: Driver> Registration<T> {
+    /// Registers driver `T` with the virtio core (`register_virtio_driver()`).
+    pub(crate) fn new(module: &'static ThisModule) -> Result<Self> {
+        let mut tables = DriverTables {
+            // SAFETY: All-zero is a valid `virtio_driver` (null pointers, `None` callbacks).
+            driver: unsafe { core::mem::zeroed() },
+            id_table: [
+                bindings::virtio_device_id {
+                    device: T::DEVICE_ID,
+                    vendor: bindings::VIRTIO_DEV_ANY_ID,
+                },
+                bindings::virtio_device_id::default(),
+            ],
+        };
+        let drv = &mut tables.driver;
+        drv.driver.name = T::NAME.as_char_ptr();
+        drv.feature_table = T::FEATURES.as_ptr();
+        drv.feature_table_size = u32::try_from(T::FEATURES.len())?;
+        drv.probe = Some(Adapter::<T>::probe);
+        drv.remove = Some(Adapter::<T>::remove);
+        drv.freeze = Some(Adapter::<T>::freeze);
+        drv.restore = Some(Adapter::<T>::restore);
+        let tables = KBox::pin(Opaque::new(tables), GFP_KERNEL)?;
+        let t = tables.get();
+        // SAFETY: `t` is valid and pinned; `id_table` points into the same allocation.
+        unsafe { (*t).driver.id_table = (*t).id_table.as_ptr() };
+        // CAST: the module's bindings and the kernel's describe the same `struct module`.
+        let owner = module.as_ptr().cast::<bindings::module>();
+        // SAFETY: The driver structure is valid, pinned, and outlives the registration.
+        to_result(unsafe {
+            bindings::__register_virtio_driver(core::ptr::addr_of_mut!((*t).driver), owner)
+        })?;
+        // INVARIANT: The driver was just registered.
+        Ok(Self {
+            tables,
+            _p: PhantomData,
+        })
+    }
+}
+
+impl<T: Driver> Drop for Registration<T> {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant the driver is registered.
+        unsafe {
+            bindings::unregister_virtio_driver(core::ptr::addr_of_mut!((*self.tables.get()).driver))
+        };
+    }
+}
