@@ -7,7 +7,8 @@ set -euo pipefail
 
 DEB_PKGS=(linux-source-6.12 rustc-web rust-web-src clang lld llvm libclang-dev
 	flex bison bc libelf-dev libssl-dev cpio xz-utils qemu-system-x86
-	busybox-static kmod make gcc libc6-dev python3 rsync file)
+	busybox-static kmod make gcc libc6-dev python3 rsync file
+	rust-web-clippy)
 BINDGEN_VERSION=0.73.2
 
 missing=()
