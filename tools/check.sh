@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 # Run every test the project has and sum them up in one closing line:
-# unit tests of tools/, the runner's self-test and the VM suites on the
-# debug kernel with every driver that exists.
+# unit tests of the device, the protocol layer and the samples, a bounded
+# fuzz run of the rx header validation, the runner's self-test, and the VM
+# suites on the debug kernel: C/C (the baseline), Rust/C and Rust/Rust.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$TOP"
@@ -47,7 +48,7 @@ step() {
 	count "$name" "$rc" >>"$log/summary"
 }
 
-make --no-print-directory setup kernel-debug initramfs device extras FLAVOUR=debug ||
+make --no-print-directory setup kernel-debug initramfs device extras FLAVOUR=debug DRIVER=rust ||
 	die "building the test bed failed: see the messages above"
 
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
@@ -56,6 +57,8 @@ step samples-unit cargo test --locked --manifest-path samples/Cargo.toml
 step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
 step runner-selftest tools/vmtest.py --kernel debug --selftest
 step vmtest-c-c tools/vmtest.py --kernel debug --driver c --peer c
+step vmtest-rust-c tools/vmtest.py --kernel debug --driver rust --peer c
+step vmtest-rust-rust tools/vmtest.py --kernel debug --driver rust --peer rust
 
 echo
 cat "$log/summary"
