@@ -59,6 +59,7 @@ step runner-selftest tools/vmtest.py --kernel debug --selftest
 step vmtest-c-c tools/vmtest.py --kernel debug --driver c --peer c
 step vmtest-rust-c tools/vmtest.py --kernel debug --driver rust --peer c
 step vmtest-rust-rust tools/vmtest.py --kernel debug --driver rust --peer rust
+step vmtest-reload tools/vmtest.py --kernel debug --reload 20 --peer c
 
 echo
 cat "$log/summary"

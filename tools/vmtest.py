@@ -555,6 +555,81 @@ def run_suite(args, res):
         bed.stop()
 
 
+def reload_suite(args, res):
+    """Load, use and unload the Rust module many times; remove it under traffic.
+
+    Guest 3 runs the Rust driver, guest 4 the C one. Every cycle reloads the
+    module and carries an echo to guest 4; then a vsock_perf transfer is cut
+    by unbinding the device, which must end the transfer with an error, and
+    a kmemleak scan and the consoles must show nothing.
+    """
+    drivers = {3: "rust", 4: args.peer}
+    bed = Bed(args, args.workdir)
+    mod = DRIVERS["rust"]
+    drv = f"/sys/bus/virtio/drivers/{mod}"
+    try:
+        bed.start(drivers)
+        g3, g4 = bed.guest(3), bed.guest(4)
+        srv = g4.run("vsock-echo server --port 2000")
+        if not srv.wait_line("listening", 30):
+            raise RunError("echo server did not start: " + srv.output())
+        t0 = time.monotonic()
+        for i in range(1, args.reload + 1):
+            rc, out = g3.sh(
+                f"for t in $(seq 50); do rmmod {mod} && break; sleep 0.2; "
+                f"done; insmod /lib/modules/{mod}.ko && vsock-echo client "
+                "--cid 4 --port 2000 --count 5 --size 8192", 120)
+            bad = bed.kernel_problems()
+            if rc != 0 or bad:
+                raise RunError(f"cycle {i}: status {rc}: "
+                               + (bad[0] if bad else out[-200:]))
+        res.ok(f"reload {args.reload} times with traffic",
+               f" ({time.monotonic() - t0:.0f} s)")
+
+        rcv = g4.run("vsock_perf --port 2100")
+        # Its "Listen port" line sits in a stdio buffer: give it time.
+        time.sleep(3)
+        if rcv.rc is not None:
+            raise RunError("vsock_perf receiver exited: " + rcv.output())
+        snd = g3.run("vsock_perf --sender 4 --port 2100 --bytes 4G "
+                     "--buf-size 65536")
+        time.sleep(3)
+        rc, dev = g3.sh(f"cd {drv} && ls -d virtio* | head -1", 20)
+        dev = dev.strip()
+        g3.sh(f"echo {dev} > {drv}/unbind", 60)
+        rc = snd.wait(60)
+        name = "unbind under traffic ends the transfer with an error"
+        bad = bed.kernel_problems()
+        if rc is None:
+            res.fail(name, "the sender hung after the device went away")
+        elif rc == 0:
+            res.fail(name, "the sender finished as if nothing happened")
+        elif bad:
+            res.fail(name, bad[0])
+        else:
+            res.ok(name, f" (sender status {rc})")
+        rcv.wait(30)
+        rc, out = g3.sh(f"echo {dev} > {drv}/bind && vsock-echo client "
+                        "--cid 4 --port 2000 --count 5", 60)
+        if rc == 0 and not bed.kernel_problems():
+            res.ok("rebind, then traffic again")
+        else:
+            res.fail("rebind, then traffic again", out[-200:])
+        check_kmemleak(bed, res, "[reload]")
+        for g in bed.guests:
+            bad = [l for l in g.console_text().splitlines()
+                   if BAD_CONSOLE.search(l)]
+            name = f"[reload] kernel log guest {g.cid}"
+            if bad:
+                res.fail(name, bad[0])
+            else:
+                res.ok(name)
+    except RunError as e:
+        res.fail("reload", str(e))
+    finally:
+        bed.stop()
+
+
 def corrupt_module_initrd(args):
     """The initramfs with the C transport module replaced by garbage."""
     root = tempfile.mkdtemp(dir=args.workdir)
@@ -640,6 +715,9 @@ def parse_args(argv=None):
     p.add_argument("--mem", type=int, default=512, help="MiB per guest")
     p.add_argument("--append", default="", help="extra kernel parameters")
     p.add_argument("--workdir", help="where logs go (default: a temp dir)")
+    p.add_argument("--reload", type=int, default=0, metavar="N",
+                   help="instead of vsock_test: reload the Rust module N "
+                   "times with traffic, then unbind it under traffic")
     p.add_argument("--selftest", action="store_true",
                    help="check the runner's own failure detection")
     p.add_argument("--extra-initrd", action="append", default=[],
@@ -705,6 +783,8 @@ def main():
     try:
         if args.selftest:
             selftest(args, res)
+        elif args.reload:
+            reload_suite(args, res)
         else:
             run_suite(args, res)
     except RunError as e:
