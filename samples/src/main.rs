@@ -7,6 +7,7 @@
 //!                   [--count CONNECTIONS] [--size MAX_MESSAGE]
 //! vsock-echo client [--type stream|seqpacket] [--cid CID] [--port PORT]
 //!                   [--to-host] [--count N] [--size BYTES] [--timeout SECS]
+//!                   [--latency [--warmup N]]
 //! vsock-echo cid
 //! ```
 //!
@@ -17,6 +18,13 @@
 //! echo ok: stream cid=2 port=1234 10 messages 40960 bytes
 //! ```
 //!
+//! With `--latency` it times each round trip instead (after `--warmup` untimed
+//! ones) and prints their distribution in microseconds:
+//!
+//! ```text
+//! latency: stream cid=4 port=1234 n=1000 size=64 warmup=100 min_us=41.2 ...
+//! ```
+//!
 //! The exit status is 0 on success, 1 on a failed echo or I/O error, and 2 on
 //! a usage error.
 
@@ -24,7 +32,7 @@ mod vsock;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vsock::{SockType, SockaddrVm, Socket, VMADDR_CID_ANY, VMADDR_FLAG_TO_HOST};
 
@@ -33,6 +41,7 @@ usage: vsock-echo server [--type stream|seqpacket] [--cid CID] [--port PORT]
                          [--count CONNECTIONS] [--size MAX_MESSAGE]
        vsock-echo client [--type stream|seqpacket] [--cid CID] [--port PORT]
                          [--to-host] [--count N] [--size BYTES] [--timeout SECS]
+                         [--latency [--warmup N]]
        vsock-echo cid
 
 server: listens on CID (default any) and PORT (default 1234) and echoes every
@@ -43,6 +52,10 @@ client: connects to CID (default 2, the host) and PORT (default 1234), sends N
         prints 'echo ok: TYPE cid=CID port=PORT N messages TOTAL bytes'.
         --to-host sets VMADDR_FLAG_TO_HOST; --timeout (default 10, 0 for none)
         bounds connect, send and receive.
+        --latency times N (default 1000) round trips of BYTES (default 64)
+        bytes, after --warmup (default 100) untimed ones, and prints
+        'latency: TYPE cid=CID port=PORT n=N size=BYTES warmup=W min_us=..
+        p50_us=.. p90_us=.. p99_us=.. max_us=.. mean_us=..'.
 cid:    prints the local CID (IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock).
 ";
 
@@ -56,6 +69,8 @@ struct Opts {
     count: Option<u64>,
     size: Option<usize>,
     timeout: u64,
+    latency: bool,
+    warmup: Option<u64>,
 }
 
 /// Parses a number, in decimal or with a `0x` prefix.
@@ -78,6 +93,8 @@ fn parse_opts(args: impl Iterator<Item = String>) -> Result<Opts, String> {
         count: None,
         size: None,
         timeout: 10,
+        latency: false,
+        warmup: None,
     };
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -101,6 +118,8 @@ fn parse_opts(args: impl Iterator<Item = String>) -> Result<Opts, String> {
             "--size" | "-s" => opts.size = Some(parse_num("--size", value())?),
             "--timeout" => opts.timeout = parse_num("--timeout", value())?,
             "--to-host" => opts.to_host = true,
+            "--latency" => opts.latency = true,
+            "--warmup" => opts.warmup = Some(parse_num("--warmup", value())?),
             _ => return Err(format!("unknown option '{arg}'")),
         }
     }
@@ -112,6 +131,29 @@ fn pattern(msg: u64, off: usize) -> u8 {
     (msg.wrapping_mul(131).wrapping_add(off as u64 * 7) % 251) as u8
 }
 
+/// Fills `buf` with the pattern of message `msg`.
+fn fill(buf: &mut [u8], msg: u64) {
+    for (off, b) in buf.iter_mut().enumerate() {
+        *b = pattern(msg, off);
+    }
+}
+
+/// Sends message `i` from `out` and reads its echo into `back`, unchecked.
+fn round_trip(sock: &Socket, i: u64, out: &[u8], back: &mut [u8]) -> Result<(), String> {
+    sock.send_all(out)
+        .map_err(|e| format!("send message {i}: {e}"))?;
+    sock.recv_exact(back)
+        .map_err(|e| format!("receive message {i}: {e}"))
+}
+
+/// Checks that the echo `back` of message `i` equals what was sent, `out`.
+fn check_echo(i: u64, out: &[u8], back: &[u8]) -> Result<(), String> {
+    match out.iter().zip(back).position(|(a, b)| a != b) {
+        Some(off) => Err(format!("message {i} differs at byte {off}")),
+        None => Ok(()),
+    }
+}
+
 /// Sends `count` messages of `size` bytes and checks each echo; returns the
 /// number of bytes echoed.
 fn exchange(sock: &Socket, count: u64, size: usize) -> Result<u64, String> {
@@ -119,25 +161,98 @@ fn exchange(sock: &Socket, count: u64, size: usize) -> Result<u64, String> {
     let mut back = vec![0u8; size];
     let mut total = 0u64;
     for i in 0..count {
-        for (off, b) in out.iter_mut().enumerate() {
-            *b = pattern(i, off);
-        }
-        sock.send_all(&out)
-            .map_err(|e| format!("send message {i}: {e}"))?;
-        sock.recv_exact(&mut back)
-            .map_err(|e| format!("receive message {i}: {e}"))?;
-        if let Some(off) = out.iter().zip(&back).position(|(a, b)| a != b) {
-            return Err(format!("message {i} differs at byte {off}"));
-        }
+        fill(&mut out, i);
+        round_trip(sock, i, &out, &mut back)?;
+        check_echo(i, &out, &back)?;
         total += size as u64;
     }
     Ok(total)
 }
 
+/// Times `count` round trips of `size` bytes after `warmup` untimed ones,
+/// checking every echo; returns the round-trip times of the timed ones.
+///
+/// Only the send and the receive of the echo are timed, not the filling and
+/// checking of the buffers.
+fn latency(sock: &Socket, warmup: u64, count: u64, size: usize) -> Result<Vec<Duration>, String> {
+    let mut out = vec![0u8; size];
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    for i in 0..warmup.saturating_add(count) {
+        fill(&mut out, i);
+        let start = Instant::now();
+        round_trip(sock, i, &out, &mut back)?;
+        let rtt = start.elapsed();
+        check_echo(i, &out, &back)?;
+        if i >= warmup {
+            rtts.push(rtt);
+        }
+    }
+    Ok(rtts)
+}
+
+/// Distribution of a set of round-trip times.
+#[derive(Debug, PartialEq, Eq)]
+struct Stats {
+    n: usize,
+    min: Duration,
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+    mean: Duration,
+}
+
+impl Stats {
+    /// Computes the distribution of `samples`; `None` when there are none.
+    ///
+    /// Percentiles use the nearest-rank method: the `p`th percentile is the
+    /// smallest sample that at least `p` percent of the samples do not exceed.
+    fn new(samples: &[Duration]) -> Option<Stats> {
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        let min = *sorted.first()?;
+        let max = *sorted.last()?;
+        let rank = |p: usize| {
+            let idx = (p * n).div_ceil(100).max(1) - 1;
+            sorted.get(idx).copied().unwrap_or(max)
+        };
+        let total: u128 = sorted.iter().map(Duration::as_nanos).sum();
+        let mean = u64::try_from(total / n as u128).map_or(Duration::MAX, Duration::from_nanos);
+        Some(Stats {
+            n,
+            min,
+            p50: rank(50),
+            p90: rank(90),
+            p99: rank(99),
+            max,
+            mean,
+        })
+    }
+
+    /// Formats the times as `key=value` pairs, in microseconds.
+    fn times(&self) -> String {
+        let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+        format!(
+            "min_us={} p50_us={} p90_us={} p99_us={} max_us={} mean_us={}",
+            us(self.min),
+            us(self.p50),
+            us(self.p90),
+            us(self.p99),
+            us(self.max),
+            us(self.mean)
+        )
+    }
+}
+
 fn run_client(opts: &Opts) -> Result<(), String> {
     let cid = opts.cid.unwrap_or(libc::VMADDR_CID_HOST);
-    let count = opts.count.unwrap_or(10);
-    let size = opts.size.unwrap_or(4096);
+    let (count, size) = if opts.latency {
+        (opts.count.unwrap_or(1000), opts.size.unwrap_or(64))
+    } else {
+        (opts.count.unwrap_or(10), opts.size.unwrap_or(4096))
+    };
     if size == 0 {
         // A zero-length send transmits nothing (the common vsock code does not
         // send empty OP_RW packets), so nothing could be echoed.
@@ -153,6 +268,17 @@ fn run_client(opts: &Opts) -> Result<(), String> {
     sock.connect(&SockaddrVm::new(cid, opts.port, flags))
         .map_err(|e| format!("connect {what}: {e}"))?;
 
+    if opts.latency {
+        let warmup = opts.warmup.unwrap_or(100);
+        let rtts = latency(&sock, warmup, count, size).map_err(|e| format!("{what}: {e}"))?;
+        let stats = Stats::new(&rtts).ok_or("--count must be at least 1")?;
+        println!(
+            "latency: {what} n={} size={size} warmup={warmup} {}",
+            stats.n,
+            stats.times()
+        );
+        return Ok(());
+    }
     let total = exchange(&sock, count, size).map_err(|e| format!("{what}: {e}"))?;
     println!("echo ok: {what} {count} messages {total} bytes");
     Ok(())
@@ -343,6 +469,65 @@ mod tests {
         assert_eq!(echo_over_pair(SockType::SeqPacket, 5, 1, 65536), Ok(5));
         // A message longer than the server's maximum ends the connection.
         assert!(echo_over_pair(SockType::SeqPacket, 1, 2000, 1000).is_err());
+    }
+
+    fn us(v: u64) -> Duration {
+        Duration::from_micros(v)
+    }
+
+    #[test]
+    fn latency_stats() {
+        // 1..=100 us, in a scrambled order.
+        let samples: Vec<Duration> = (0..100u64).map(|i| us((i * 37) % 100 + 1)).collect();
+        let s = Stats::new(&samples).unwrap();
+        assert_eq!(
+            s,
+            Stats {
+                n: 100,
+                min: us(1),
+                p50: us(50),
+                p90: us(90),
+                p99: us(99),
+                max: us(100),
+                mean: Duration::from_nanos(50_500),
+            }
+        );
+        assert_eq!(
+            s.times(),
+            "min_us=1.0 p50_us=50.0 p90_us=90.0 p99_us=99.0 max_us=100.0 mean_us=50.5"
+        );
+        // Nearest rank on a few samples: p50 of 4 is the 2nd, p90 the 4th.
+        let s = Stats::new(&[us(40), us(10), us(30), us(20)]).unwrap();
+        assert_eq!((s.p50, s.p90, s.p99), (us(20), us(40), us(40)));
+        assert_eq!(s.mean, us(25));
+        let s = Stats::new(&[us(7)]).unwrap();
+        assert_eq!(
+            (s.min, s.p50, s.p99, s.max, s.mean),
+            (us(7), us(7), us(7), us(7), us(7))
+        );
+        assert_eq!(Stats::new(&[]), None);
+    }
+
+    #[test]
+    fn latency_over_pair() {
+        for ty in [SockType::Stream, SockType::SeqPacket] {
+            let (client, server) = Socket::pair(ty).unwrap();
+            let echoer = std::thread::spawn(move || echo(&server, 65536));
+            let rtts = latency(&client, 5, 20, 64).unwrap();
+            drop(client);
+            assert_eq!(echoer.join().unwrap().unwrap().1, 25 * 64);
+            assert_eq!(rtts.len(), 20);
+            assert!(Stats::new(&rtts).unwrap().min > Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn parses_latency_options() {
+        let o = opts(&["--latency", "--warmup", "5", "-n", "2000"]).unwrap();
+        assert!(o.latency);
+        assert_eq!(o.warmup, Some(5));
+        assert_eq!(o.count, Some(2000));
+        assert!(!opts(&[]).unwrap().latency);
     }
 
     #[test]
