@@ -9,6 +9,7 @@
 #   make shell      one guest with the Rust driver, on this terminal
 #   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
 #   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: vsock_perf/latency
+#   make lint       rustfmt and clippy (kernel lints) on the module
 #   make check      every test the project has (what CI runs)
 #
 # Build artefacts go to $(VSOCK_RS_CACHE), default ~/.cache/virtio_vsock_rs.
@@ -29,7 +30,7 @@ MODDIR = $(VSOCK_RS_CACHE)/module/$(FLAVOUR)
 MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
-.PHONY: run shell module modules extras all setup kernel kernel-debug kernel-perf initramfs device \
+.PHONY: lint run shell module modules extras all setup kernel kernel-debug kernel-perf initramfs device \
 	vsock-tests vmtest vmtest-selftest bench check device-test clean help
 
 all: help
@@ -60,6 +61,21 @@ module modules: kernel-$(FLAVOUR)
 		Kbuild Kconfig src $(MODDIR)/
 	@$(KMAKE) M=$(MODDIR) CONFIG_VIRTIO_VSOCKETS_RUST=m modules
 	@echo "==> $(MODULE_KO)" >&2
+
+# rustfmt with the kernel's .rustfmt.toml, and clippy with the kernel's lints
+# (CLIPPY=1), in a build directory of its own.
+lint: kernel-debug
+	@rustfmt --check --edition 2021 --config-path .rustfmt.toml src/virtio_vsock_rs.rs
+	@rm -rf $(VSOCK_RS_CACHE)/module/lint && mkdir -p $(VSOCK_RS_CACHE)/module/lint
+	@cp -r Kbuild Kconfig src $(VSOCK_RS_CACHE)/module/lint/
+	@rm -f $(VSOCK_RS_CACHE)/module/lint/src/bindings_generated.rs
+	@$(MAKE) -C $(VSOCK_RS_CACHE)/kernel/debug LLVM=1 RUSTC=/usr/bin/rustc \
+		BINDGEN=$(VSOCK_RS_CACHE)/cargo/bin/bindgen CLIPPY=1 \
+		CLIPPY_DRIVER=/usr/bin/clippy-driver KCFLAGS=-Werror \
+		M=$(VSOCK_RS_CACHE)/module/lint CONFIG_VIRTIO_VSOCKETS_RUST=m \
+		modules 2>&1 | tee $(VSOCK_RS_CACHE)/module/lint.log | grep -v '^make'
+	@! grep -qE '^(warning|error)' $(VSOCK_RS_CACHE)/module/lint.log
+	@echo "lint: rustfmt and clippy clean"
 
 extras: $(if $(NEED_RUST),module) vsock-tests
 	@tools/build-extras.sh $(FLAVOUR) $(if $(NEED_RUST),$(MODULE_KO))

@@ -54,6 +54,7 @@ make --no-print-directory setup kernel-debug initramfs device extras FLAVOUR=deb
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
 step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml
 step samples-unit cargo test --locked --manifest-path samples/Cargo.toml
+step module-lint make --no-print-directory lint
 step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
 step runner-selftest tools/vmtest.py --kernel debug --selftest
 step vmtest-c-c tools/vmtest.py --kernel debug --driver c --peer c
