@@ -132,31 +132,15 @@ class Bench:
                 f.write(f"== guest {g.cid} (rc {rc})\n{out}\n")
         return path
 
-    @staticmethod
-    def settle():
-        """Let the jobs that just ended exit before the next command.
-
-        The guest agent (busybox ash) drops the part of a command line it has
-        read when SIGCHLD from a job's exit interrupts its read, so a command
-        sent the moment the previous one reported its status can be mangled.
-        """
-        time.sleep(0.3)
-
     def throughput(self, src, dst, buf, nbytes):
         """One vsock_perf transfer from guest src to guest dst."""
         a = self.args
-        self.settle()
         port = self.next_port()
         what = f"vsock_perf {src}->{dst} buf {human(buf)}"
         rx = self.bed.guest(dst).run(
             f"vsock_perf --port {port} --buf-size {buf}")
-        # Its stdout is a pipe, so the receiver's "Listen port" line (printed
-        # before it even binds) only arrives when it exits. It listens once
-        # it sleeps in accept(), syscall 43.
-        rc = self.bed.guest(dst).sh(
-            "i=0; while [ $i -lt 600 ]; do for p in $(pidof vsock_perf); do "
-            "grep -q '^43 ' /proc/$p/syscall 2>/dev/null && exit 0; done; "
-            "i=$((i+1)); sleep 0.05; done; exit 1", 60)[0]
+        # Its "Listen port" line only arrives when it exits (stdout is a pipe).
+        rc = 0 if self.bed.guest(dst).wait_accept("vsock_perf", 30) else 1
         if rc != 0:
             self.check_guests(what)
             raise RunError(f"{what}: the receiver in guest {dst} did not "
@@ -213,7 +197,6 @@ class Bench:
     def latency(self, src, dst, size):
         """Round trips of size-byte stream messages from guest src to dst."""
         a = self.args
-        self.settle()
         port = self.next_port()
         what = f"vsock-echo latency {src}->{dst} {size} B"
         srv = self.bed.guest(dst).run(

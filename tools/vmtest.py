@@ -258,6 +258,19 @@ class Guest:
                 raise RunError(f"guest {self.cid}: agent channel: {e}")
         return job
 
+    def wait_accept(self, prog, timeout):
+        """Wait until a process named `prog` sleeps in accept() (syscall 43).
+
+        For servers that print their readiness to a stdio buffer which a
+        pipe only flushes at exit (vsock_perf).
+        """
+        rc, _ = self.sh(
+            f"i=0; while [ $i -lt {int(timeout * 20)} ]; do "
+            f"for p in $(pidof {prog}); do grep -q '^43 ' /proc/$p/syscall "
+            "2>/dev/null && exit 0; done; i=$((i+1)); sleep 0.05; done; "
+            "exit 1", timeout + 10)
+        return rc == 0
+
     def sh(self, cmd, timeout):
         """Run a command to its end; (rc, output). rc None on timeout."""
         job = self.run(cmd)
@@ -302,11 +315,9 @@ class Bed:
         self.dir = workdir
         self.device = None
         self.guests = []
-        self.boots = 0
 
     def start(self, drivers):
         a = self.args
-        self.boots += 1
         socks = {}
         vms = []
         for cid in (3, 4):
@@ -332,10 +343,9 @@ class Bed:
                 raise RunError("vsock device did not create its sockets")
             time.sleep(0.05)
         udp = {3: free_udp_port(), 4: free_udp_port()}
-        initrd = {3: a.initrd, 4: a.initrd}
         self.guests = [
             Guest(a, cid, self.dir, socks[cid], udp[cid], udp[7 - cid],
-                  drivers[cid], initrd[cid]) for cid in sorted(drivers)
+                  drivers[cid], a.initrd) for cid in sorted(drivers)
         ]
         for g in self.guests:
             g.start()
@@ -587,10 +597,9 @@ def reload_suite(args, res):
                f" ({time.monotonic() - t0:.0f} s)")
 
         rcv = g4.run("vsock_perf --port 2100")
-        # Its "Listen port" line sits in a stdio buffer: give it time.
-        time.sleep(3)
-        if rcv.rc is not None:
-            raise RunError("vsock_perf receiver exited: " + rcv.output())
+        if not g4.wait_accept("vsock_perf", 30):
+            raise RunError("vsock_perf receiver did not listen: "
+                           + rcv.output())
         snd = g3.run("vsock_perf --sender 4 --port 2100 --bytes 4G "
                      "--buf-size 65536")
         time.sleep(3)

@@ -150,6 +150,20 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(stream: UnixStream, token: u64, state: State, buf_alloc: u32) -> Self {
+        Conn {
+            stream,
+            token,
+            state,
+            credit: Credit::new(buf_alloc),
+            out: VecDeque::new(),
+            host_eof: false,
+            guest_shut: 0,
+            wr_shut: false,
+            interest: EventSet::empty(),
+        }
+    }
+
     fn wants_read(&self, room: bool) -> bool {
         room && self.state == State::Established
             && !self.host_eof
@@ -434,17 +448,7 @@ impl Bridge {
             guest_port: h.src_port,
         };
         let token = self.token();
-        let mut c = Conn {
-            stream,
-            token,
-            state: State::Established,
-            credit: Credit::new(self.buf_alloc),
-            out: VecDeque::new(),
-            host_eof: false,
-            guest_shut: 0,
-            wr_shut: false,
-            interest: EventSet::empty(),
-        };
+        let mut c = Conn::new(stream, token, State::Established, self.buf_alloc);
         c.credit.update_peer(h.buf_alloc, h.fwd_cnt);
         out.push(Self::mk(
             self.cid,
@@ -606,17 +610,7 @@ impl Bridge {
             host_port,
             guest_port: port,
         };
-        let mut c = Conn {
-            stream,
-            token,
-            state: State::Connecting,
-            credit: Credit::new(self.buf_alloc),
-            out: VecDeque::new(),
-            host_eof: false,
-            guest_shut: 0,
-            wr_shut: false,
-            interest: EventSet::empty(),
-        };
+        let mut c = Conn::new(stream, token, State::Connecting, self.buf_alloc);
         out.push(Self::mk(
             self.cid,
             key,
