@@ -4,6 +4,7 @@
 # module itself; this Makefile drives the test bed around it.
 #
 #   make setup      install packages and tools (idempotent)
+#   make qemu       QEMU 11.1 in a trixie root, for the generic device front
 #   make kernel     build the debug and perf guest kernels
 #   make run        the main job: two guests with the Rust driver, shown at work
 #   make shell      one guest with the Rust driver, on this terminal
@@ -30,7 +31,7 @@ MODDIR = $(VSOCK_RS_CACHE)/module/$(FLAVOUR)
 MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
-.PHONY: lint run shell module modules extras all setup kernel kernel-debug kernel-perf initramfs device \
+.PHONY: lint run shell module modules extras all setup qemu kernel kernel-debug kernel-perf initramfs device \
 	vsock-tests vmtest vmtest-selftest bench check device-test clean help
 
 all: help
@@ -40,6 +41,10 @@ help:
 
 setup:
 	@tools/setup.sh
+	@tools/setup-qemu.sh || echo "==> note: the VM runners fall back to --front vsock (QEMU 7.2)" >&2
+
+qemu:
+	@tools/setup-qemu.sh
 
 kernel: kernel-debug kernel-perf
 
