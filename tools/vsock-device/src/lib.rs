@@ -22,7 +22,9 @@ use std::time::Instant;
 pub mod backend;
 pub mod bridge;
 pub mod fault;
+pub mod inject;
 pub mod packet;
+pub mod prng;
 pub mod router;
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
