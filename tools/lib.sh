@@ -4,16 +4,49 @@
 # Where every build artefact lives: outside the clone, shared between runs.
 CACHE=${VSOCK_RS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/virtio_vsock_rs}
 TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-KVER_PKG=linux-source-6.12
-KSRC_TAR=/usr/src/linux-source-6.12.tar.xz
-KSRC=$CACHE/src/linux-source-6.12
-# Debian's rustc-web matches the rust-src the kernel needs; rustup's does not.
-KRUSTC=/usr/bin/rustc
-BINDGEN=$CACHE/cargo/bin/bindgen
-KMAKE_FLAGS=(LLVM=1 "RUSTC=$KRUSTC" "BINDGEN=$BINDGEN")
 
 msg() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The guest kernel: KERNEL=6.12 (default, Debian 12's linux-source-6.12) or
+# KERNEL=7.3 (linux-source-7.3 from trixie-backports). To add a kernel: a
+# case here (source package, apt suite, LLVM), a "kernel_X_Y" line in Kbuild
+# if the driver needs one, and fragments tools/kernel/<flavour>-X.Y.config
+# for the options that moved.
+#   KVER_PKG   the Debian package holding /usr/src/$KVER_PKG.tar.xz
+#   KSUITE     the apt suite it comes from (empty: the host's own)
+#   KLLVM      LLVM= of the kernel build: 1 for clang, -19 for clang-19
+#   KLLVM_PKGS the LLVM packages KLLVM needs
+#   KLIBCLANG  the libclang bindgen must load (empty: the default one)
+KERNEL=${KERNEL:-6.12}
+case "$KERNEL" in
+6.12)
+	KVER_PKG=linux-source-6.12 KSUITE='' KLLVM=1 KLIBCLANG=''
+	KLLVM_PKGS=(clang lld llvm libclang-dev) ;;
+7.3)
+	# 7.3 needs LLVM >= 17 (scripts/min-tool-version.sh): bookworm's clang-19.
+	KVER_PKG=linux-source-7.3 KSUITE=trixie-backports KLLVM=-19
+	KLIBCLANG=/usr/lib/llvm-19/lib
+	KLLVM_PKGS=(clang-19 lld-19 llvm-19 libclang1-19) ;;
+*) die "unknown KERNEL=$KERNEL: use 6.12 or 7.3" ;;
+esac
+KSRC_TAR=/usr/src/$KVER_PKG.tar.xz
+KSRC=$CACHE/src/$KVER_PKG
+# Debian's rustc-web matches the rust-src the kernel needs; rustup's does not.
+KRUSTC=/usr/bin/rustc
+BINDGEN=$CACHE/cargo/bin/bindgen
+KMAKE_FLAGS=("LLVM=$KLLVM" "RUSTC=$KRUSTC" "BINDGEN=$BINDGEN")
+# bindgen loads libclang at run time; the kernel checks its version too.
+if [ -n "$KLIBCLANG" ]; then export LIBCLANG_PATH=$KLIBCLANG; fi
+
+# kname FLAVOUR: the name of a guest kernel flavour of $KERNEL in the cache
+# ($CACHE/kernel/NAME, $CACHE/initramfs/NAME.cpio): 6.12's keep the bare
+# flavour (debug, perf), other kernels' carry the version (7.3-debug).
+kname() {
+	if [ "$KERNEL" = 6.12 ]; then echo "$1"; else echo "$KERNEL-$1"; fi
+}
+# The vsock tests built against $KERNEL's uapi headers.
+VSOCK_TESTS=$CACHE/vsock-tests/$KERNEL
 
 # Hash of files and strings, for cache keys.
 inputs_hash() {
@@ -25,3 +58,24 @@ inputs_hash() {
 }
 
 jobs() { nproc 2>/dev/null || echo 2; }
+
+# The first Debian archive the host's apt sources list for its own release
+# (one-line and deb822 formats).
+host_mirror() {
+	local codename
+	codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+	[ -n "$codename" ] || return 0
+	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+		[ -f "$f" ] || continue
+		sed -E 's/\[[^]]*\]//' "$f" |
+			awk -v c="$codename" '$1 == "deb" && $3 == c { print $2; exit }'
+	done
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[ -f "$f" ] || continue
+		awk -v c="$codename" '
+			/^[ \t]*$/ { if (uri != "" && ok) { print uri; exit } uri = ""; ok = 0 }
+			tolower($1) == "uris:" { uri = $2 }
+			tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == c) ok = 1 }
+			END { if (uri != "" && ok) print uri }' "$f"
+	done
+}

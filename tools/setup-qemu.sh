@@ -21,27 +21,6 @@ PKGS=(qemu-system-x86)
 FRONT=vhost-user-test-device-pci
 MIRROR=${VSOCK_RS_DEBIAN_MIRROR:-}
 
-# The first Debian archive the host's apt sources list for its own release
-# (one-line and deb822 formats).
-host_mirror() {
-	local codename
-	codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-	[ -n "$codename" ] || return 0
-	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-		[ -f "$f" ] || continue
-		sed -E 's/\[[^]]*\]//' "$f" |
-			awk -v c="$codename" '$1 == "deb" && $3 == c { print $2; exit }'
-	done
-	for f in /etc/apt/sources.list.d/*.sources; do
-		[ -f "$f" ] || continue
-		awk -v c="$codename" '
-			/^[ \t]*$/ { if (uri != "" && ok) { print uri; exit } uri = ""; ok = 0 }
-			tolower($1) == "uris:" { uri = $2 }
-			tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == c) ok = 1 }
-			END { if (uri != "" && ok) print uri }' "$f"
-	done
-}
-
 [ -n "$MIRROR" ] || MIRROR=$(host_mirror | head -1)
 [ -n "$MIRROR" ] || die "no Debian mirror found in /etc/apt/sources.list*: set VSOCK_RS_DEBIAN_MIRROR=http://.../debian and run 'make qemu' again"
 MIRROR=${MIRROR%/}
