@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -34,6 +35,11 @@ pub struct Inbox {
     bytes: usize,
     limit: usize,
     live: bool,
+    /// Packets are kept but not handed out (`hold CID on`).
+    hold: bool,
+    /// Packets are accepted and kept while the driver is down: set by
+    /// `hold`, cleared once the driver is up and the hold is released.
+    retain: bool,
     waiters: BTreeSet<u64>,
 }
 
@@ -45,13 +51,16 @@ impl Inbox {
             bytes: 0,
             limit: limit.max(1),
             live: false,
+            hold: false,
+            retain: false,
             waiters: BTreeSet::new(),
         }
     }
 
-    /// Queue a packet; gives it back if the guest is not live (no driver).
+    /// Queue a packet; gives it back if the guest is not live (no driver)
+    /// and no hold keeps its packets.
     pub fn push(&mut self, pkt: Packet) -> Result<(), Packet> {
-        if !self.live {
+        if !self.live && !self.retain {
             return Err(pkt);
         }
         self.bytes += pkt.wire_len();
@@ -62,14 +71,17 @@ impl Inbox {
     /// Put a packet taken by [`Inbox::pop`] back at the head (dropped if
     /// the guest went down meanwhile).
     pub fn unpop(&mut self, pkt: Packet) {
-        if self.live {
+        if self.live || self.retain {
             self.bytes += pkt.wire_len();
             self.q.push_front(pkt);
         }
     }
 
-    /// Take the oldest packet.
+    /// Take the oldest packet (none while held).
     pub fn pop(&mut self) -> Option<Packet> {
+        if self.hold {
+            return None;
+        }
         let p = self.q.pop_front()?;
         self.bytes -= p.wire_len();
         Some(p)
@@ -95,6 +107,28 @@ impl Inbox {
         self.q.is_empty()
     }
 
+    /// A packet can be taken now: queued and not held.
+    pub fn is_deliverable(&self) -> bool {
+        !self.hold && !self.q.is_empty()
+    }
+
+    /// Hold packets (keep them, even while the driver is down, and hand
+    /// none out) or release them. Returns the number of packets queued.
+    pub fn set_hold(&mut self, hold: bool) -> usize {
+        self.hold = hold;
+        if hold {
+            self.retain = true;
+        } else if self.live {
+            self.retain = false;
+        }
+        self.q.len()
+    }
+
+    /// Whether packets are held.
+    pub fn is_held(&self) -> bool {
+        self.hold
+    }
+
     /// Whether the guest's driver is up.
     pub fn is_live(&self) -> bool {
         self.live
@@ -116,15 +150,20 @@ impl Inbox {
         std::mem::take(&mut self.waiters).into_iter().collect()
     }
 
-    /// Mark the driver up or down. Going down drops the queue and returns
-    /// every waiter (to be woken).
+    /// Mark the driver up or down. Going down drops the queue (unless a
+    /// hold keeps it) and returns every waiter (to be woken).
     pub fn set_live(&mut self, live: bool) -> Vec<u64> {
         self.live = live;
         if live {
+            if !self.hold {
+                self.retain = false;
+            }
             return Vec::new();
         }
-        self.q.clear();
-        self.bytes = 0;
+        if !self.retain {
+            self.q.clear();
+            self.bytes = 0;
+        }
         std::mem::take(&mut self.waiters).into_iter().collect()
     }
 }
@@ -140,8 +179,12 @@ pub enum Control {
 /// One configured guest as seen by the others.
 #[derive(Debug)]
 pub struct Port {
-    /// The guest's CID.
+    /// The guest's CID as configured on the command line: its name in the
+    /// process (logs, wakeups, the control socket).
     pub cid: u64,
+    /// The `guest_cid` of its config space, which the device routes by.
+    /// Starts as `cid`; fault injection can change it.
+    guest_cid: AtomicU64,
     inbox: Mutex<Inbox>,
     wake: EventFd,
     control: Mutex<Vec<Control>>,
@@ -152,10 +195,21 @@ impl Port {
     pub fn new(cid: u64, limit: usize) -> io::Result<Self> {
         Ok(Port {
             cid,
+            guest_cid: AtomicU64::new(cid),
             inbox: Mutex::new(Inbox::new(limit)),
             wake: EventFd::new(EFD_NONBLOCK)?,
             control: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The config-space `guest_cid`: the address the guest is reached at.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid.load(Ordering::Relaxed)
+    }
+
+    /// Change the config-space `guest_cid`; routing follows at once.
+    pub fn set_guest_cid(&self, cid: u64) {
+        self.guest_cid.store(cid, Ordering::Relaxed);
     }
 
     /// The inbox, locked.
@@ -226,13 +280,34 @@ impl Router {
         }
     }
 
-    /// The port of a configured guest.
+    /// The port of a configured guest (by its command-line CID).
     pub fn port(&self, cid: u64) -> Option<&Arc<Port>> {
         self.ports.get(&cid)
     }
 
-    /// Where a packet transmitted by guest `from` goes. Err: the packet must
-    /// be dropped (spoofed source).
+    /// The command-line CIDs of every guest, in order.
+    pub fn cids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.ports.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The port of the guest whose config space holds `guest_cid`. Should
+    /// two hold the same, the one configured with that CID wins, else the
+    /// lowest configured CID.
+    pub fn port_at(&self, guest_cid: u64) -> Option<&Arc<Port>> {
+        match self.ports.get(&guest_cid) {
+            Some(p) if p.guest_cid() == guest_cid => Some(p),
+            _ => self
+                .ports
+                .values()
+                .filter(|p| p.guest_cid() == guest_cid)
+                .min_by_key(|p| p.cid),
+        }
+    }
+
+    /// Where a packet transmitted by the guest at `from` (its config-space
+    /// CID) goes. Err: the packet must be dropped (spoofed source).
     pub fn route(&self, from: u64, hdr: &Hdr) -> Result<Route, String> {
         if hdr.src_cid != from {
             return Err(format!(
@@ -243,7 +318,7 @@ impl Router {
         if hdr.dst_cid == HOST_CID {
             return Ok(Route::Host);
         }
-        Ok(match self.ports.get(&hdr.dst_cid) {
+        Ok(match self.port_at(hdr.dst_cid) {
             Some(p) => Route::Guest(p.clone()),
             None => Route::Unknown,
         })
@@ -277,6 +352,14 @@ impl Router {
             Sent::Unreachable
         } else {
             Sent::Queued { full }
+        }
+    }
+
+    /// Queue for guest `dst` without running the hook (packets a fault held
+    /// back and now releases). Back-pressure is not applied.
+    pub fn release(&self, dst: &Port, pkt: Packet) {
+        if dst.inbox().push(pkt).is_ok() {
+            dst.wake();
         }
     }
 
@@ -449,6 +532,67 @@ mod tests {
         r.to_host(3, pkt(3, 2, 1, 9), &mut out);
         r.to_host(3, pkt(3, 2, 1, 9), &mut out);
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn routes_by_config_space_cid() {
+        let (r, a, b) = setup(1 << 20, Arc::new(PassThrough));
+        a.set_guest_cid(7);
+        assert_eq!(a.cid, 3);
+        assert_eq!(r.cids(), vec![3, 4]);
+        // Packets for 7 reach guest 3, packets for 3 nobody.
+        assert!(matches!(r.route(4, &pkt(4, 7, 0, 0).hdr), Ok(Route::Guest(p)) if p.cid == 3));
+        assert!(matches!(
+            r.route(4, &pkt(4, 3, 0, 0).hdr),
+            Ok(Route::Unknown)
+        ));
+        // Guest 3 now sends as 7.
+        assert!(r.route(7, &pkt(7, 4, 0, 0).hdr).is_ok());
+        assert!(r.route(7, &pkt(3, 4, 0, 0).hdr).is_err());
+        // Two guests at one CID: the one configured with it wins.
+        b.set_guest_cid(3);
+        a.set_guest_cid(3);
+        assert_eq!(r.port_at(3).map(|p| p.cid), Some(3));
+        a.set_guest_cid(4);
+        assert_eq!(r.port_at(4).map(|p| p.cid), Some(3));
+        assert_eq!(r.port_at(3).map(|p| p.cid), Some(4));
+    }
+
+    #[test]
+    fn hold_keeps_packets_until_released() {
+        let (r, _a, b) = setup(1 << 20, Arc::new(PassThrough));
+        // Held before the driver is up: packets wait instead of bouncing.
+        assert_eq!(b.inbox().set_hold(true), 0);
+        assert_eq!(
+            r.to_guest(3, 3, &b, pkt(3, 4, 1, 0)),
+            Sent::Queued { full: false }
+        );
+        b.inbox().set_live(true);
+        r.to_guest(3, 3, &b, pkt(3, 4, 1, 1));
+        assert!(b.inbox().pop().is_none());
+        assert!(!b.inbox().is_deliverable());
+        // The driver goes down and up again: still kept.
+        b.inbox().set_live(false);
+        assert_eq!(b.inbox().len(), 2);
+        // Released while down: kept until the driver is up.
+        assert_eq!(b.inbox().set_hold(false), 2);
+        r.to_guest(3, 3, &b, pkt(3, 4, 1, 2));
+        b.inbox().set_live(true);
+        let tags: Vec<u8> = std::iter::from_fn(|| b.inbox().pop())
+            .map(|p| p.payload[0])
+            .collect();
+        assert_eq!(tags, vec![0, 1, 2]);
+        // Without a hold, going down drops the queue again.
+        r.to_guest(3, 3, &b, pkt(3, 4, 1, 3));
+        b.inbox().set_live(false);
+        assert!(b.inbox().is_empty());
+        assert_eq!(r.to_guest(3, 3, &b, pkt(3, 4, 1, 4)), Sent::Unreachable);
+        // release() skips the hook and wakes.
+        b.inbox().set_live(true);
+        b.clear_wake();
+        r.release(&b, pkt(3, 4, 1, 5));
+        assert_eq!(b.clear_wake(), 1);
+        assert_eq!(b.inbox().len(), 1);
     }
 
     #[test]
