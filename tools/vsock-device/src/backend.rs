@@ -11,18 +11,26 @@
 //! until nothing moves. Guest errors are logged, never returned: an `Err`
 //! from `handle_event` would stop the worker thread.
 //!
+//! Faults that act on the virtqueues run on the same thread, as [`Job`]s
+//! submitted by the control socket: crafted rx packets interleaved with the
+//! healthy ones, used-ring abuse and events. [`VmBackend::counts`] says what
+//! reached a used ring.
+//!
 //! Adapted in spirit from vhost-device-vsock (rust-vmm, Apache-2.0 OR
 //! BSD-3-Clause): daemon-per-VM loop, sibling wakeup through eventfds,
 //! extra listeners registered on the epoll handler.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
     GuestMemoryMmap,
@@ -33,6 +41,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::bridge::Bridge;
+use crate::fault::{answer, Counts, EventJob, EventKind, InjectJob, Job, UsedJob, UsedKind};
+use crate::inject::{craft, Class, Kind, Target};
 use crate::packet::{
     self, deliver, gather, write_fragment, GatherError, InFlight, Packet, ReadSeg, RxStep,
     WriteSeg, EVENT_TRANSPORT_RESET, HOST_CID,
@@ -66,6 +76,8 @@ const BRIDGE_EVENT: u16 = NUM_QUEUES as u16 + 2;
 const MAX_ROUNDS: usize = 64;
 /// Tx chains per round.
 const TX_BATCH: usize = 256;
+/// Rx ids remembered as returned (for `used dup_id`).
+const RX_HISTORY: usize = 64;
 
 /// Configuration of one guest.
 #[derive(Clone, Debug, PartialEq)]
@@ -140,6 +152,60 @@ fn pop_writable<'a>(
     Some((head, Ok(segs)))
 }
 
+/// The heads the driver has made available and the device not yet taken.
+fn avail_heads(q: &Queue, mem: &GuestMemoryMmap) -> Vec<u16> {
+    let size = q.size();
+    let Ok(idx) = q.avail_idx(mem, Ordering::Acquire) else {
+        return Vec::new();
+    };
+    let mut i = q.next_avail();
+    let mut v = Vec::new();
+    while i != idx.0 && size > 0 && v.len() < usize::from(size) {
+        let slot = q.avail_ring() + 4 + 2 * u64::from(i % size);
+        if let Ok(h) = mem.read_obj::<u16>(GuestAddress(slot)) {
+            v.push(u16::from_le(h));
+        }
+        i = i.wrapping_add(1);
+    }
+    v
+}
+
+/// Put `entries` (id, len) on the used ring as they are, whatever the ids:
+/// virtio-queue's `add_used` refuses an id out of range. One index update
+/// for all, then a notification. False on a memory error.
+fn raw_used(v: &VringRwLock, mem: &GuestMemoryMmap, entries: &[(u32, u32)]) -> bool {
+    let ok = {
+        let mut g = v.get_mut();
+        let q = g.get_queue_mut();
+        let size = q.size().max(1);
+        let used = q.used_ring();
+        let mut next = q.next_used();
+        let mut ok = true;
+        for &(id, len) in entries {
+            let slot = used + 4 + 8 * u64::from(next % size);
+            ok &= mem.write_obj(id.to_le(), GuestAddress(slot)).is_ok()
+                && mem.write_obj(len.to_le(), GuestAddress(slot + 4)).is_ok();
+            next = next.wrapping_add(1);
+        }
+        fence(Ordering::SeqCst);
+        ok &= mem
+            .store(next.to_le(), GuestAddress(used + 2), Ordering::Release)
+            .is_ok();
+        q.set_next_used(next);
+        ok
+    };
+    if let Err(e) = v.signal_used_queue() {
+        info!("signalling used queue: {e}");
+    }
+    ok
+}
+
+/// A CID the guest driver can take from config space: not 0, 1, 2 or
+/// `U32_MAX`, upper bits clear (otherwise it keeps the CID it had).
+pub fn usable_cid(cid: u64) -> bool {
+    cid >> 32 == 0 && cid > HOST_CID && cid != u64::from(u32::MAX)
+}
+
 /// Signal the used ring, respecting EVENT_IDX.
 fn signal(v: &VringRwLock, event_idx: bool) {
     let needed = !event_idx || v.needs_notification().unwrap_or(true);
@@ -162,6 +228,59 @@ pub struct VmState {
     blocked_on: Option<u64>,
     evq: Option<VringRwLock>,
     controls: Vec<Control>,
+    /// The rx queue, for [`VmBackend::status`].
+    rx: Option<VringRwLock>,
+    /// Crafted rx packets to interleave with the healthy ones.
+    injects: VecDeque<InjectJob>,
+    /// Whether a crafted packet goes next (alternates with healthy ones).
+    inject_turn: bool,
+    /// Used-ring abuse on rx (or tx for `never_posted` when rx has no id).
+    used_jobs: VecDeque<UsedJob>,
+    /// Large used lengths for the next tx chains.
+    tx_len_jobs: VecDeque<UsedJob>,
+    /// Events to post.
+    events: VecDeque<EventJob>,
+    /// Short events posted (rotates their length over 0..=3).
+    short_events: u32,
+    /// Rx ids recently returned, newest last.
+    rx_returned: VecDeque<u16>,
+}
+
+/// The guest as the control socket sees it (`status CID`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The driver is up: rx queue ready and enabled.
+    pub live: bool,
+    /// Since when it is up.
+    pub live_for: Option<Duration>,
+    /// `VIRTIO_VSOCK_F_SEQPACKET` acked.
+    pub seqpacket: bool,
+    /// `VIRTIO_RING_F_EVENT_IDX` acked.
+    pub event_idx: bool,
+    /// Config-space `guest_cid`.
+    pub guest_cid: u64,
+    /// Rx buffers available to the device.
+    pub rx_avail: u16,
+    /// The frontend handed the event queue to the device and set it up.
+    pub evq_ready: bool,
+}
+
+/// Fault state of one guest shared with the control socket.
+struct GuestFaults {
+    /// Jobs not yet taken by the guest's thread.
+    jobs: Mutex<Vec<Job>>,
+    /// What reached a used ring.
+    counts: Mutex<Counts>,
+    /// Offer SEQPACKET from the next connection on.
+    want_seqpacket: AtomicBool,
+    /// SEQPACKET offered in this connection.
+    offer_seqpacket: AtomicBool,
+    /// Feature bits acked by the frontend.
+    acked: AtomicU64,
+    /// The CID the driver uses: the last usable config-space value.
+    driver_cid: AtomicU64,
+    /// When the driver came up; `None` while it is down.
+    live_since: Mutex<Option<Instant>>,
 }
 
 /// The vhost-user backend of one guest.
@@ -170,6 +289,7 @@ pub struct VmBackend {
     port: Arc<Port>,
     router: Arc<Router>,
     state: Mutex<VmState>,
+    faults: GuestFaults,
 }
 
 impl VmBackend {
@@ -181,6 +301,15 @@ impl VmBackend {
             .cloned()
             .ok_or_else(|| io::Error::other(format!("cid {} not routed", cfg.cid)))?;
         let bridge = Bridge::new(cfg.cid, cfg.uds_path.clone(), cfg.buf_alloc)?;
+        let faults = GuestFaults {
+            jobs: Mutex::new(Vec::new()),
+            counts: Mutex::new(Counts::default()),
+            want_seqpacket: AtomicBool::new(true),
+            offer_seqpacket: AtomicBool::new(true),
+            acked: AtomicU64::new(0),
+            driver_cid: AtomicU64::new(cfg.cid),
+            live_since: Mutex::new(None),
+        };
         Ok(VmBackend {
             cfg,
             port,
@@ -193,8 +322,115 @@ impl VmBackend {
                 blocked_on: None,
                 evq: None,
                 controls: Vec::new(),
+                rx: None,
+                injects: VecDeque::new(),
+                inject_turn: true,
+                used_jobs: VecDeque::new(),
+                tx_len_jobs: VecDeque::new(),
+                events: VecDeque::new(),
+                short_events: 0,
+                rx_returned: VecDeque::new(),
             }),
+            faults,
         })
+    }
+
+    /// The guest's CID as configured on the command line.
+    pub fn cid(&self) -> u64 {
+        self.cfg.cid
+    }
+
+    /// Hand a fault job to the guest's thread. It runs once the driver is
+    /// up (and, for rx and events, has posted buffers).
+    pub fn submit(&self, job: Job) {
+        lock(&self.faults.jobs).push(job);
+        self.port.wake();
+    }
+
+    /// What reached a used ring so far (stream faults excluded: they are
+    /// the hook's).
+    pub fn counts(&self) -> Counts {
+        *lock(&self.faults.counts)
+    }
+
+    /// Forget what was injected.
+    pub fn reset_counts(&self) {
+        *lock(&self.faults.counts) = Counts::default();
+    }
+
+    /// Set the config-space `guest_cid` (routing follows at once). A value
+    /// the driver can use becomes the CID crafted packets are checked
+    /// against.
+    pub fn set_guest_cid(&self, cid: u64) {
+        self.port.set_guest_cid(cid);
+        if usable_cid(cid) {
+            self.faults.driver_cid.store(cid, Ordering::Relaxed);
+        }
+        info!("cid {}: config guest_cid now {cid}", self.cfg.cid);
+    }
+
+    /// Offer `VIRTIO_VSOCK_F_SEQPACKET` or not, from the next vhost-user
+    /// connection (or device reset) on: a frontend acks what it was offered
+    /// when it connected, and a change under it would fail its
+    /// `SET_FEATURES`.
+    pub fn offer_seqpacket(&self, on: bool) {
+        self.faults.want_seqpacket.store(on, Ordering::Relaxed);
+        if lock(&self.state).mem.is_none() {
+            self.latch_features();
+        }
+    }
+
+    fn latch_features(&self) {
+        let on = self.faults.want_seqpacket.load(Ordering::Relaxed);
+        self.faults.offer_seqpacket.store(on, Ordering::Relaxed);
+    }
+
+    /// What crafted rx packets are checked against: the driver's CID, the
+    /// sibling's, and whether seqpacket was negotiated.
+    pub fn target(&self) -> Target {
+        let sibling = self
+            .router
+            .cids()
+            .into_iter()
+            .find(|&c| c != self.cfg.cid)
+            .and_then(|c| self.router.port(c).map(|p| p.guest_cid()))
+            .unwrap_or(HOST_CID);
+        Target {
+            guest_cid: self.faults.driver_cid.load(Ordering::Relaxed),
+            sibling_cid: sibling,
+            seqpacket: self.faults.acked.load(Ordering::Relaxed) & F_SEQPACKET != 0,
+        }
+    }
+
+    /// The guest's state for `status`.
+    pub fn status(&self) -> Status {
+        let st = lock(&self.state);
+        let live = self.port.inbox().is_live();
+        let acked = self.faults.acked.load(Ordering::Relaxed);
+        let rx_avail = match (&st.rx, &st.mem) {
+            (Some(rx), Some(mem)) if live => {
+                let guard = mem.memory();
+                let r = rx.get_ref();
+                let q = r.get_queue();
+                q.avail_idx(&*guard, Ordering::Acquire)
+                    .map(|i| i.0.wrapping_sub(q.next_avail()))
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let evq_ready = st
+            .evq
+            .as_ref()
+            .is_some_and(|e| e.get_ref().get_queue().ready());
+        Status {
+            live,
+            live_for: (*lock(&self.faults.live_since)).map(|t| t.elapsed()),
+            seqpacket: acked & F_SEQPACKET != 0,
+            event_idx: acked & F_EVENT_IDX != 0,
+            guest_cid: self.port.guest_cid(),
+            rx_avail,
+            evq_ready,
+        }
     }
 
     /// The guest's port (e.g. to [`Port::request`] a transport reset).
@@ -209,6 +445,7 @@ impl VmBackend {
         st.set_live(self, false, why);
         st.blocked_on = None;
         st.evq = None;
+        st.rx = None;
     }
 }
 
@@ -225,8 +462,13 @@ impl VhostUserBackend for VmBackend {
     }
 
     fn features(&self) -> u64 {
+        let seqpacket = if self.faults.offer_seqpacket.load(Ordering::Relaxed) {
+            F_SEQPACKET
+        } else {
+            0
+        };
         F_VERSION_1
-            | F_SEQPACKET
+            | seqpacket
             | F_EVENT_IDX
             | F_NOTIFY_ON_EMPTY
             | F_INDIRECT_DESC
@@ -234,6 +476,7 @@ impl VhostUserBackend for VmBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        self.faults.acked.store(features, Ordering::Relaxed);
         info!(
             "cid {}: features acked {features:#x} (seqpacket {}, event_idx {})",
             self.cfg.cid,
@@ -248,6 +491,7 @@ impl VhostUserBackend for VmBackend {
 
     fn reset_device(&self) {
         self.go_down("device reset");
+        self.latch_features();
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -255,7 +499,7 @@ impl VhostUserBackend for VmBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = self.cfg.cid.to_le_bytes();
+        let cfg = self.port.guest_cid().to_le_bytes();
         let o = offset as usize;
         cfg.get(o..o.saturating_add(size as usize))
             .map(<[u8]>::to_vec)
@@ -306,6 +550,7 @@ impl VmState {
         let waiters = ib.set_live(live);
         drop(ib);
         vm.router.wake(&waiters);
+        *lock(&vm.faults.live_since) = live.then(Instant::now);
         self.bridge.set_live(live);
         self.inflight = None;
         let s = if live { "up" } else { "down" };
@@ -320,6 +565,11 @@ impl VmState {
         if self.evq.is_none() {
             self.evq = vrings.get(EVQ).cloned();
         }
+        if self.rx.is_none() {
+            self.rx = Some(rx.clone());
+        }
+        self.take_jobs(vm);
+        self.bridge.set_cid(vm.port.guest_cid());
         let ready = self.mem.is_some() && {
             let r = rx.get_ref();
             r.get_queue().ready() && r.is_enabled()
@@ -332,6 +582,8 @@ impl VmState {
                 break;
             }
             let mut progress = self.controls(vm);
+            progress |= self.post_events(vm);
+            progress |= self.abuse_used(vm, rx, tx);
             progress |= self.process_tx(vm, tx);
             let room = !vm.port.inbox().is_full();
             progress |= self.bridge.poll(room, &mut out);
@@ -397,8 +649,12 @@ impl VmState {
                     gather(&segs)
                 };
                 // Every tx descriptor goes back, whatever the packet's fate.
-                if let Err(e) = tx.add_used(head, 0) {
-                    info!("cid {cid}: tx add_used: {e}");
+                let chain_len = segs.iter().map(|s| s.len as u64).sum();
+                let used_len = self.tx_used_len(chain_len);
+                match tx.add_used(head, used_len) {
+                    Ok(()) if used_len != 0 => self.tx_len_landed(vm, used_len),
+                    Ok(()) => {}
+                    Err(e) => info!("cid {cid}: tx add_used: {e}"),
                 }
                 n += 1;
                 match pkt {
@@ -431,7 +687,7 @@ impl VmState {
         let cid = vm.cfg.cid;
         let h = pkt.hdr;
         debug!("cid {cid}: tx {h}");
-        match vm.router.route(cid, &h) {
+        match vm.router.route(vm.port.guest_cid(), &h) {
             Err(why) => info!("cid {cid}: dropping tx packet: {why}"),
             Ok(Route::Host) => {
                 let mut to_bridge = Vec::new();
@@ -476,17 +732,26 @@ impl VmState {
         };
         let guard = mem.memory();
         let cid = vm.cfg.cid;
+        // Jobs are only taken at the start of a pump: none can appear here.
+        let target = (!self.injects.is_empty()).then(|| vm.target());
         let mut used = 0;
         loop {
             let _ = rx.disable_notification();
-            let n = deliver(
-                &mut self.inflight,
-                || vm.port.inbox().pop(),
-                |pkt| vm.port.inbox().unpop(pkt),
-                |pkt, off| write_rx(cid, rx, &guard, pkt, off),
-            );
+            let n = match &target {
+                Some(t) if !self.injects.is_empty() => self.rx_mixed(vm, rx, &guard, t),
+                _ => {
+                    let returned = &mut self.rx_returned;
+                    deliver(
+                        &mut self.inflight,
+                        || vm.port.inbox().pop(),
+                        |pkt| vm.port.inbox().unpop(pkt),
+                        |pkt, off| write_rx(cid, rx, &guard, pkt, off, returned),
+                    )
+                }
+            };
             used += n;
-            let pending = self.inflight.is_some() || !vm.port.inbox().is_empty();
+            let pending =
+                self.inflight.is_some() || !vm.port.inbox().is_empty() || !self.injects.is_empty();
             let more = matches!(rx.enable_notification(), Ok(true));
             if !(pending && more && n > 0) {
                 break;
@@ -500,6 +765,316 @@ impl VmState {
         used > 0
     }
 
+    /// Rx with crafted packets pending: one crafted packet, one healthy
+    /// packet (all its fragments), and so on, so that neither starves the
+    /// other; crafted ones go only between whole packets. Returns the
+    /// number of rx buffers used.
+    fn rx_mixed(
+        &mut self,
+        vm: &VmBackend,
+        rx: &VringRwLock,
+        guard: &MemGuard,
+        target: &Target,
+    ) -> usize {
+        let cid = vm.cfg.cid;
+        let mut used = 0;
+        loop {
+            let healthy = self.inflight.is_some() || vm.port.inbox().is_deliverable();
+            let inject = self.inflight.is_none() && !self.injects.is_empty();
+            if inject && (!healthy || self.inject_turn) {
+                match self.inject_one(vm, rx, guard, target) {
+                    InjectStep::NoBuffer => return used,
+                    InjectStep::Used => {
+                        used += 1;
+                        self.inject_turn = false;
+                    }
+                    InjectStep::Ended => {}
+                }
+            } else if healthy {
+                let mut first = self.inflight.is_none();
+                let returned = &mut self.rx_returned;
+                let n = deliver(
+                    &mut self.inflight,
+                    || {
+                        if std::mem::take(&mut first) {
+                            vm.port.inbox().pop()
+                        } else {
+                            None
+                        }
+                    },
+                    |pkt| vm.port.inbox().unpop(pkt),
+                    |pkt, off| write_rx(cid, rx, guard, pkt, off, returned),
+                );
+                if n == 0 {
+                    return used;
+                }
+                used += n;
+                if self.inflight.is_none() {
+                    self.inject_turn = true;
+                }
+            } else {
+                return used;
+            }
+        }
+    }
+
+    /// Put the next crafted packet of the first inject job in the next rx
+    /// buffer.
+    fn inject_one(
+        &mut self,
+        vm: &VmBackend,
+        rx: &VringRwLock,
+        guard: &MemGuard,
+        t: &Target,
+    ) -> InjectStep {
+        let cid = vm.cfg.cid;
+        let Some(job) = self.injects.front_mut() else {
+            return InjectStep::Ended;
+        };
+        let Some((head, segs)) = pop_writable(rx, guard) else {
+            return InjectStep::NoBuffer;
+        };
+        let (used_len, class, cap) = match segs {
+            // A chain the device may not write: it goes back empty, which
+            // the driver drops as a short buffer.
+            Err(()) => (0, Class::ShortBuffer, 0),
+            Ok(mut segs) => {
+                let cap = segs.iter().map(|s| s.len as u64).sum();
+                match craft(job.kind, &mut job.rng, u64::from(job.done), cap, t) {
+                    Ok(c) if packet::write_span(&mut segs, 0, &c.bytes) => {
+                        (c.used_len, c.class, cap)
+                    }
+                    Ok(_) => (0, Class::ShortBuffer, cap),
+                    Err(e) => {
+                        // Leave the buffer to the healthy traffic.
+                        rx.get_mut().get_queue_mut().go_to_previous_position();
+                        info!("cid {cid}: inject {}: {e}", job.kind.name());
+                        answer(&mut job.reply, format!("ERR {e} (injected {})", job.done));
+                        self.injects.pop_front();
+                        return InjectStep::Ended;
+                    }
+                }
+            }
+        };
+        if let Err(e) = rx.add_used(head, used_len) {
+            info!("cid {cid}: rx add_used: {e}");
+            return InjectStep::Used;
+        }
+        remember(&mut self.rx_returned, head);
+        lock(&vm.faults.counts).rx.add(class);
+        job.landed.add(class);
+        if job.kind == Kind::Random || job.kind == Kind::Class(class) {
+            job.done += 1;
+        }
+        debug!("cid {cid}: injected {class}: used len {used_len}, buffer of {cap}");
+        if job.done >= job.total {
+            info!(
+                "cid {cid}: injected {} {} packet(s)",
+                job.done,
+                job.kind.name()
+            );
+            let line = job.ok_line();
+            answer(&mut job.reply, line);
+            self.injects.pop_front();
+        }
+        InjectStep::Used
+    }
+
+    /// Take the jobs the control socket submitted.
+    fn take_jobs(&mut self, vm: &VmBackend) {
+        let jobs = std::mem::take(&mut *lock(&vm.faults.jobs));
+        for j in jobs {
+            match j {
+                Job::Inject(j) => self.injects.push_back(j),
+                Job::Used(j) if j.kind == UsedKind::TxLen => self.tx_len_jobs.push_back(j),
+                Job::Used(j) => self.used_jobs.push_back(j),
+                Job::Event(j) => self.events.push_back(j),
+            }
+        }
+    }
+
+    /// The used length for the next tx chain of `chain_len` bytes: 0, or a
+    /// large one while a `tx_len` job runs.
+    fn tx_used_len(&self, chain_len: u64) -> u32 {
+        let Some(j) = self.tx_len_jobs.front() else {
+            return 0;
+        };
+        match j.done % 3 {
+            0 => chain_len.saturating_add(4096).min(u64::from(u32::MAX)) as u32,
+            1 => 1 << 24,
+            _ => u32::MAX,
+        }
+    }
+
+    /// A large tx used length reached the ring.
+    fn tx_len_landed(&mut self, vm: &VmBackend, len: u32) {
+        let Some(j) = self.tx_len_jobs.front_mut() else {
+            return;
+        };
+        lock(&vm.faults.counts).used[UsedKind::TxLen as usize] += 1;
+        j.done += 1;
+        debug!("cid {}: tx used length {len}", vm.cfg.cid);
+        if j.done >= j.total {
+            info!("cid {}: {} tx used length(s) abused", vm.cfg.cid, j.done);
+            answer(&mut j.reply, format!("OK used=tx_len count={}", j.done));
+            self.tx_len_jobs.pop_front();
+        }
+    }
+
+    /// Run the first used-ring abuse job, once the driver is up.
+    fn abuse_used(&mut self, vm: &VmBackend, rx: &VringRwLock, tx: &VringRwLock) -> bool {
+        if self.used_jobs.is_empty() || !vm.port.inbox().is_live() {
+            return false;
+        }
+        let Some(mem) = self.mem.clone() else {
+            return false;
+        };
+        let guard = mem.memory();
+        let cid = vm.cfg.cid;
+        let Some(job) = self.used_jobs.front_mut() else {
+            return false;
+        };
+        let n = job.total as usize;
+        let (rx_size, rx_heads) = {
+            let r = rx.get_ref();
+            (r.get_queue().size(), avail_heads(r.get_queue(), &guard))
+        };
+        let mut extra_short = false;
+        let (queue, entries): (&VringRwLock, Vec<(u32, u32)>) = match job.kind {
+            UsedKind::BadId => {
+                let size = u32::from(rx_size);
+                let ids = (0..n).map(|i| match i % 3 {
+                    0 => size,
+                    1 => size + 1 + (i as u32).wrapping_mul(7919) % 60_000,
+                    _ => u32::MAX,
+                });
+                (rx, ids.map(|id| (id, 0)).collect())
+            }
+            UsedKind::DupId => {
+                let old = self
+                    .rx_returned
+                    .iter()
+                    .rev()
+                    .find(|id| !rx_heads.contains(id))
+                    .copied();
+                match old {
+                    Some(id) => (rx, vec![(u32::from(id), 0); n]),
+                    None => {
+                        // Every id returned was posted again: return one
+                        // now (empty, a short buffer to the driver), then
+                        // again at once.
+                        let Some((head, _)) = pop_writable(rx, &guard) else {
+                            return false;
+                        };
+                        extra_short = true;
+                        let mut v = vec![(u32::from(head), 0)];
+                        v.extend(vec![(u32::from(head), 0); n]);
+                        (rx, v)
+                    }
+                }
+            }
+            UsedKind::NeverPosted => {
+                let free = |size: u16, heads: &[u16], avoid: &VecDeque<u16>| {
+                    let mut ids = (0..size).filter(|i| !heads.contains(i));
+                    ids.clone()
+                        .find(|i| !avoid.contains(i))
+                        .or_else(|| ids.next())
+                };
+                let none = VecDeque::new();
+                let on_rx = free(rx_size, &rx_heads, &self.rx_returned);
+                let on_tx = || {
+                    let r = tx.get_ref();
+                    let q = r.get_queue();
+                    free(q.size(), &avail_heads(q, &guard), &none)
+                };
+                match (on_rx, on_rx.is_none().then(on_tx).flatten()) {
+                    (Some(id), _) => (rx, vec![(u32::from(id), 0); n]),
+                    (None, Some(id)) => (tx, vec![(u32::from(id), 0); n]),
+                    (None, None) => {
+                        answer(
+                            &mut job.reply,
+                            "ERR every descriptor id is available on rx and tx".into(),
+                        );
+                        self.used_jobs.pop_front();
+                        return true;
+                    }
+                }
+            }
+            UsedKind::TxLen => return false,
+        };
+        let which = if std::ptr::eq(queue, rx) { "rx" } else { "tx" };
+        if !raw_used(queue, &guard, &entries) {
+            info!("cid {cid}: used {}: guest memory error", job.kind.name());
+        }
+        {
+            let mut c = lock(&vm.faults.counts);
+            if extra_short {
+                c.rx.add(Class::ShortBuffer);
+            }
+            c.used[job.kind as usize] += n as u64;
+        }
+        info!(
+            "cid {cid}: used {} on {which}: {:?}",
+            job.kind.name(),
+            &entries[..entries.len().min(8)]
+        );
+        job.done = job.total;
+        let line = format!("OK used={} count={}", job.kind.name(), job.done);
+        answer(&mut job.reply, line);
+        self.used_jobs.pop_front();
+        true
+    }
+
+    /// Post the events of the event jobs, as buffers allow. A job that
+    /// cannot post its first event answers `pending=1` and stays.
+    fn post_events(&mut self, vm: &VmBackend) -> bool {
+        let mut progress = false;
+        while let Some(mut job) = self.events.pop_front() {
+            let n = job.kind.count();
+            while job.done < n {
+                let (id, short) = match job.kind {
+                    EventKind::Unknown(id) => (id, false),
+                    EventKind::Short => (EVENT_TRANSPORT_RESET, true),
+                    _ => (EVENT_TRANSPORT_RESET, false),
+                };
+                if !self.post_event(vm, id, short) {
+                    break;
+                }
+                job.done += 1;
+                progress = true;
+            }
+            let name = job.kind.name();
+            if job.done < n {
+                if job.done == 0 {
+                    answer(&mut job.reply, format!("OK event={name} pending=1"));
+                }
+                self.events.push_front(job);
+                break;
+            }
+            info!("cid {}: posted {n} event(s) {name}", vm.cfg.cid);
+            answer(&mut job.reply, format!("OK event={name} posted={n}"));
+        }
+        progress
+    }
+
+    /// Post one event and count it; a TRANSPORT_RESET also drops the host
+    /// connections. False if no event buffer is available.
+    fn post_event(&mut self, vm: &VmBackend, id: u32, short: bool) -> bool {
+        let len = short.then_some(self.short_events % 4);
+        let Some(used) = self.send_event(vm.cfg.cid, id, len) else {
+            return false;
+        };
+        if short {
+            self.short_events = self.short_events.wrapping_add(1);
+        }
+        lock(&vm.faults.counts).add_event(id, used);
+        if id == EVENT_TRANSPORT_RESET && used >= 4 {
+            info!("cid {}: sent TRANSPORT_RESET", vm.cfg.cid);
+            self.bridge.drop_all();
+        }
+        true
+    }
+
     /// Handle [`Control`] requests; keeps the ones that must wait.
     fn controls(&mut self, vm: &VmBackend) -> bool {
         let new = vm.port.take_controls();
@@ -511,11 +1086,9 @@ impl VmState {
         while let Some(&c) = self.controls.first() {
             match c {
                 Control::TransportReset => {
-                    if !self.send_event(vm.cfg.cid, EVENT_TRANSPORT_RESET) {
+                    if !self.post_event(vm, EVENT_TRANSPORT_RESET, false) {
                         break;
                     }
-                    info!("cid {}: sent TRANSPORT_RESET", vm.cfg.cid);
-                    self.bridge.drop_all();
                 }
             }
             self.controls.remove(0);
@@ -523,34 +1096,68 @@ impl VmState {
         self.controls.len() != before
     }
 
-    /// Put a `struct virtio_vsock_event` on the event queue. False if no
-    /// event buffer is available (kept for later). Note: QEMU's
+    /// Put a `struct virtio_vsock_event` on the event queue, with used
+    /// length 4 or `short_len`. Returns the used length that reached the
+    /// ring (0 if the buffer could not take the id), `None` if no event
+    /// buffer is available (kept for later). Note: QEMU's
     /// vhost-user-vsock keeps the event queue to itself, so with QEMU this
     /// only works if the frontend hands queue 2 to the backend.
-    fn send_event(&mut self, cid: u64, id: u32) -> bool {
+    fn send_event(&mut self, cid: u64, id: u32, short_len: Option<u32>) -> Option<u32> {
         let (Some(evq), Some(mem)) = (&self.evq, &self.mem) else {
-            return false;
+            return None;
         };
         if !evq.get_ref().get_queue().ready() {
             debug!("cid {cid}: event queue not set up by the frontend");
-            return false;
+            return None;
         }
         let guard = mem.memory();
-        let Some((head, segs)) = pop_writable(evq, &guard) else {
-            return false;
-        };
+        let (head, segs) = pop_writable(evq, &guard)?;
         let ok = match segs {
             Ok(mut s) => packet::write_span(&mut s, 0, &id.to_le_bytes()),
             Err(()) => false,
         };
-        let _ = evq.add_used(head, if ok { 4 } else { 0 });
+        let len = match (ok, short_len) {
+            (false, _) => 0,
+            (true, Some(l)) => l,
+            (true, None) => 4,
+        };
+        if let Err(e) = evq.add_used(head, len) {
+            // Nothing reached the ring: count nothing, try the next buffer.
+            info!("cid {cid}: event add_used: {e}");
+            return None;
+        }
         signal(evq, self.event_idx);
-        ok
+        Some(len)
     }
 }
 
+/// Outcome of [`VmState::inject_one`].
+enum InjectStep {
+    /// No rx buffer available.
+    NoBuffer,
+    /// An rx buffer was used.
+    Used,
+    /// The job ended without using a buffer.
+    Ended,
+}
+
+/// Remember an rx id as returned.
+fn remember(returned: &mut VecDeque<u16>, head: u16) {
+    if returned.len() == RX_HISTORY {
+        returned.pop_front();
+    }
+    returned.push_back(head);
+}
+
 /// Write the next fragment of `pkt` into the next rx buffer.
-fn write_rx(cid: u64, rx: &VringRwLock, guard: &MemGuard, pkt: &Packet, off: usize) -> RxStep {
+fn write_rx(
+    cid: u64,
+    rx: &VringRwLock,
+    guard: &MemGuard,
+    pkt: &Packet,
+    off: usize,
+    returned: &mut VecDeque<u16>,
+) -> RxStep {
     let Some((head, segs)) = pop_writable(rx, guard) else {
         return RxStep::NoBuffer;
     };
@@ -575,8 +1182,9 @@ fn write_rx(cid: u64, rx: &VringRwLock, guard: &MemGuard, pkt: &Packet, off: usi
             }
         },
     };
-    if let Err(e) = rx.add_used(head, used as u32) {
-        info!("cid {cid}: rx add_used: {e}");
+    match rx.add_used(head, used as u32) {
+        Ok(()) => remember(returned, head),
+        Err(e) => info!("cid {cid}: rx add_used: {e}"),
     }
     step
 }
@@ -597,6 +1205,7 @@ pub fn serve(backend: Arc<VmBackend>, mut listener: Listener) -> Result<(), Stri
                 .map_err(|e| format!("cid {cid}: registering listeners: {e}"))?;
         }
         info!("cid {cid}: waiting for the VMM on {sock}");
+        backend.latch_features();
         daemon
             .start(&mut listener)
             .map_err(|e| format!("cid {cid}: {sock}: {e}"))?;

@@ -269,6 +269,12 @@ impl Bridge {
         })
     }
 
+    /// The guest's CID changed (config space): packets from the host are
+    /// addressed to `cid` from now on.
+    pub fn set_cid(&mut self, cid: u64) {
+        self.cid = cid;
+    }
+
     /// The epoll fd to watch: readable when [`Bridge::poll`] has work.
     pub fn epoll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
