@@ -21,6 +21,7 @@ use std::time::Instant;
 
 pub mod backend;
 pub mod bridge;
+pub mod control;
 pub mod fault;
 pub mod inject;
 pub mod packet;

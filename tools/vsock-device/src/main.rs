@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use vhost::vhost_user::Listener;
 use vsock_device::backend::{self, VmBackend, VmConfig};
-use vsock_device::fault::PassThrough;
+use vsock_device::control::{self, parse_command, Answer, Device};
+use vsock_device::fault::{Hook, PassThrough, Scripted};
 use vsock_device::info;
 use vsock_device::router::{Port, Router};
 
@@ -36,6 +37,11 @@ Options:
   --queue-size N          largest virtqueue size accepted (default 1024)
   --queue-limit BYTES     packets pending for one guest before its senders are
                           paused (default 4M)
+  --control PATH          control socket for scripted faults (a line protocol:
+                          inject, used, event, config, features, hold, stream,
+                          counts, reset-counts, status; see README.md)
+  --fault SPEC            run one control command at start, e.g.
+                          --fault 'hold 3 on' (repeatable, in order)
   -v, --verbose           log every packet
   -h, --help              this text
   -V, --version           version
@@ -60,6 +66,8 @@ struct Args {
     vms: Vec<VmConfig>,
     queue_limit: usize,
     verbose: bool,
+    control: Option<PathBuf>,
+    faults: Vec<String>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -114,6 +122,8 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
     let mut queue_size: usize = 1024;
     let mut queue_limit: usize = 4 << 20;
     let mut verbose = false;
+    let mut control = None;
+    let mut faults = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -137,6 +147,8 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
             "--tx-buffer-size" => tx_buffer_size = to_u32(parse_size(&value()?)?, flag)?,
             "--queue-size" => queue_size = parse_size(&value()?)? as usize,
             "--queue-limit" => queue_limit = parse_size(&value()?)? as usize,
+            "--control" => control = Some(PathBuf::from(value()?)),
+            "--fault" => faults.push(value()?),
             _ => return Err(format!("unknown argument {a:?} (see --help)")),
         }
     }
@@ -165,10 +177,27 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
     if queue_limit == 0 {
         return Err("--queue-limit must be > 0".into());
     }
+    if let Some(c) = &control {
+        check_dir(c, "--control")?;
+        if vms
+            .iter()
+            .any(|v| v.socket == *c || v.uds_path.as_ref() == Some(c))
+        {
+            return Err(format!(
+                "--control {} is also a guest's socket",
+                c.display()
+            ));
+        }
+    }
+    for f in &faults {
+        parse_command(f).map_err(|e| format!("--fault {f:?}: {e}"))?;
+    }
     Ok(Cmd::Run(Args {
         vms,
         queue_limit,
         verbose,
+        control,
+        faults,
     }))
 }
 
@@ -241,9 +270,15 @@ fn run(args: Args) -> Result<(), String> {
         let p = Port::new(vm.cid, args.queue_limit).map_err(|e| format!("eventfd: {e}"))?;
         ports.push(Arc::new(p));
     }
-    // Fault injection plugs in here: build a scripted Hook instead of PassThrough.
-    let router = Arc::new(Router::new(ports, Arc::new(PassThrough)));
-    let mut threads = Vec::new();
+    // Without --control or --fault, packets go through unchanged.
+    let scripted =
+        (args.control.is_some() || !args.faults.is_empty()).then(|| Arc::new(Scripted::new()));
+    let hook: Arc<dyn Hook> = match &scripted {
+        Some(s) => s.clone(),
+        None => Arc::new(PassThrough),
+    };
+    let router = Arc::new(Router::new(ports, hook));
+    let mut guests = Vec::new();
     for cfg in args.vms {
         let listener = Listener::new(&cfg.socket, true)
             .map_err(|e| format!("socket {}: {e}", cfg.socket.display()))?;
@@ -255,9 +290,27 @@ fn run(args: Args) -> Result<(), String> {
             "cid {cid}: vhost-user socket {sock}, host bridge {}",
             uds.as_deref().unwrap_or("(none)")
         );
+        guests.push((Arc::new(b), listener));
+    }
+    // Faults are in place before any frontend connects.
+    let _device = match scripted {
+        Some(s) => {
+            let backends = guests.iter().map(|(b, _)| b.clone()).collect();
+            let dev = Device::new(backends, router.clone(), s)
+                .map_err(|e| format!("spawning thread: {e}"))?;
+            start_faults(&dev, &args.faults)?;
+            if let Some(p) = &args.control {
+                control::serve(p, dev.clone()).map_err(|e| format!("--control {e}"))?;
+            }
+            Some(dev)
+        }
+        None => None,
+    };
+    let mut threads = Vec::new();
+    for (b, listener) in guests {
         let t = std::thread::Builder::new()
-            .name(format!("vsock-cid{cid}"))
-            .spawn(move || backend::serve(Arc::new(b), listener))
+            .name(format!("vsock-cid{}", b.cid()))
+            .spawn(move || backend::serve(b, listener))
             .map_err(|e| format!("spawning thread: {e}"))?;
         threads.push(t);
     }
@@ -265,6 +318,30 @@ fn run(args: Args) -> Result<(), String> {
         match t.join() {
             Ok(r) => r?,
             Err(_) => return Err("a guest thread panicked".into()),
+        }
+    }
+    Ok(())
+}
+
+/// Run the `--fault` commands in order. One refused at once is an error;
+/// one that completes later (inject, used, event) logs its reply then.
+fn start_faults(dev: &Device, faults: &[String]) -> Result<(), String> {
+    for f in faults {
+        let cmd = parse_command(f).map_err(|e| format!("--fault {f:?}: {e}"))?;
+        match dev.execute(cmd) {
+            Answer::Now(r) => {
+                info!("--fault {f:?}: {r}");
+                if let Some(e) = r.strip_prefix("ERR ") {
+                    return Err(format!("--fault {f:?}: {e}"));
+                }
+            }
+            later => {
+                let f = f.clone();
+                std::thread::Builder::new()
+                    .name("vsock-fault".into())
+                    .spawn(move || info!("--fault {f:?}: {}", later.wait()))
+                    .map_err(|e| format!("spawning thread: {e}"))?;
+            }
         }
     }
     Ok(())
@@ -314,6 +391,22 @@ mod tests {
         assert_eq!(a.vms[1].buf_alloc, 64 << 10);
         assert_eq!(a.queue_limit, 1 << 20);
         assert!(a.verbose);
+        assert_eq!(a.control, None);
+        assert!(a.faults.is_empty());
+        let args = [
+            "--control",
+            "/tmp/c.sock",
+            "--vm",
+            "guest-cid=3,socket=/tmp/a.sock",
+            "--fault",
+            "hold 3 on",
+            "--fault=stream 3 1234 drop 10 1",
+        ];
+        let Ok(Cmd::Run(a)) = parse(&args.map(String::from)) else {
+            panic!()
+        };
+        assert_eq!(a.control, Some(PathBuf::from("/tmp/c.sock")));
+        assert_eq!(a.faults, vec!["hold 3 on", "stream 3 1234 drop 10 1"]);
         let Ok(Cmd::Run(a)) = p("--guest-cid 5 --socket /tmp/c.sock --uds-path /tmp/c.vsock")
         else {
             panic!()
@@ -339,5 +432,17 @@ mod tests {
         assert!(err("").contains("no guest"));
         assert!(err("--frob").contains("unknown argument"));
         assert!(err("--vm guest-cid=3,socket=/tmp/a,queue-size=1000").contains("power of two"));
+        let fault = |f: &str| {
+            parse(&["--vm", "guest-cid=3,socket=/tmp/a", "--fault", f].map(String::from))
+                .unwrap_err()
+        };
+        assert!(fault("hold 3").contains("--fault \"hold 3\": usage: hold CID on|off"));
+        assert!(fault("bogus").contains("unknown command"));
+        assert!(
+            err("--vm guest-cid=3,socket=/tmp/a --control /nonexistent/c")
+                .contains("does not exist")
+        );
+        assert!(err("--vm guest-cid=3,socket=/tmp/a --control /tmp/a").contains("also a guest"));
+        assert!(err("--vm guest-cid=3,socket=/tmp/a --control").contains("needs a value"));
     }
 }
