@@ -25,7 +25,7 @@ pub use hdr::{
     Hdr, Op, Type, HDR_SIZE, HDR_SIZE_U32, SEQ_EOM, SEQ_EOR, SHUTDOWN_MASK, SHUTDOWN_RCV,
     SHUTDOWN_SEND,
 };
-pub use rx::{validate_rx, DropReason, ValidHdr};
+pub use rx::{answer_rejected, validate_rx, DropReason, ValidHdr};
 pub use stats::Counter;
 
 /// `VIRTIO_ID_VSOCK`: the virtio device id of a socket device.
@@ -164,8 +164,10 @@ pub enum CidError {
 /// # Errors
 ///
 /// [`CidError::UpperBits`] if the upper 32 bits are set, [`CidError::Reserved`]
-/// for a reserved CID. The driver should then fail the probe, or on a
-/// transport reset keep the old CID.
+/// for a reserved CID. The driver then has no CID: it stays bound, drops every
+/// received packet ([`validate_rx`] with [`VMADDR_CID_ANY`]) and refuses to
+/// send, until a transport reset or a received packet shows that the
+/// configuration space holds a usable CID again.
 ///
 /// # Examples
 ///

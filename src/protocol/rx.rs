@@ -221,15 +221,17 @@ impl ValidHdr {
 ///    are set. The spec (5.10.6) says they are reserved and zeroed, and the C
 ///    code silently truncates both to 32 bits (`vsock_addr_init()` takes a
 ///    `u32`), so such a packet would be delivered under an alias address.
-/// 9. [`DropReason::WrongDstCid`]: `dst_cid != guest_cid`. The C driver does
+/// 9. [`DropReason::WrongDstCid`]: `dst_cid != guest_cid`, or `guest_cid` is
+///    `VMADDR_CID_ANY` (the driver has no usable CID). The C driver does
 ///    not check this, and a packet for another CID can still match a socket
 ///    bound to `VMADDR_CID_ANY` in `__vsock_find_bound_socket()`; with
 ///    `dst_cid == VMADDR_CID_ANY` it would even match every socket bound to
 ///    the port. A device only sends packets addressed to the guest (vhost-vsock
 ///    routes by `dst_cid`). After a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` that
-///    changed the CID, packets for the new CID are dropped until the driver
-///    has re-read the configuration; a driver that cares can re-read the CID
-///    on this error and validate again.
+///    changed the CID, the device may deliver packets for the new CID before
+///    the driver has handled the event: on this error the driver re-reads the
+///    configuration and, if it now holds the packet's `dst_cid`, takes it as
+///    its CID and validates again, so such packets are delivered as in C.
 /// 10. [`DropReason::BadSrcCid`]: `src_cid` is `VMADDR_CID_ANY` (it would
 ///     match any bound socket as a wildcard source and is not an address),
 ///     `VMADDR_CID_LOCAL` (loopback, never routed to a G2H transport), or the
@@ -321,13 +323,74 @@ pub fn validate_rx(
         return Err(DropReason::ControlWithPayload);
     }
 
+    // Rules 8 to 10: the addresses.
+    check_cids(&hdr, guest_cid)?;
+
+    Ok(ValidHdr {
+        hdr,
+        packet_type,
+        op,
+    })
+}
+
+/// Returns whether a packet rejected with `reason` is handed to the common
+/// code anyway, to be answered as the C driver answers it.
+///
+/// The C driver passes every packet of sane length to
+/// `virtio_transport_recv_pkt()`, which answers an unknown type with a reset
+/// (`virtio_transport_valid_type()`), a type the socket does not have with a
+/// reset, and an unknown op with a reset to a listener, `EPROTO` and a reset
+/// to a connecting socket, and nothing on a connected one. Dropping these
+/// silently would leave the peer waiting out its timeout. So packets rejected
+/// only for their type or op ([`DropReason::UnknownType`],
+/// [`DropReason::TypeNotNegotiated`], [`DropReason::InvalidOp`],
+/// [`DropReason::UnknownOp`]) get the common code's answer, provided the rest
+/// of the header is trustworthy: rules 8 to 10 of [`validate_rx`] hold (the
+/// addresses are sane and the packet is for `guest_cid`). Rule 7 does not
+/// apply, since the op is unknown. Everything else stays dropped: a packet
+/// whose lengths or addresses are wrong cannot be answered safely.
+///
+/// `bytes` is the start of the buffer, as for [`validate_rx`].
+///
+/// # Examples
+///
+/// ```
+/// use virtio_vsock_rs::protocol::{answer_rejected, DropReason, Hdr};
+///
+/// let hdr = Hdr {
+///     src_cid: 2,
+///     dst_cid: 3,
+///     type_: 7,
+///     op: 1,
+///     ..Hdr::default()
+/// };
+/// assert!(answer_rejected(DropReason::UnknownType, &hdr.to_bytes(), 3));
+/// // Not for this guest: dropped without an answer.
+/// assert!(!answer_rejected(DropReason::UnknownType, &hdr.to_bytes(), 4));
+/// assert!(!answer_rejected(DropReason::PayloadTooLong, &hdr.to_bytes(), 3));
+/// ```
+pub fn answer_rejected(reason: DropReason, bytes: &[u8], guest_cid: u32) -> bool {
+    if !matches!(
+        reason,
+        DropReason::UnknownType
+            | DropReason::TypeNotNegotiated
+            | DropReason::InvalidOp
+            | DropReason::UnknownOp
+    ) {
+        return false;
+    }
+    Hdr::parse(bytes).is_some_and(|hdr| check_cids(&hdr, guest_cid).is_ok())
+}
+
+/// Rules 8 to 10 of [`validate_rx`]: sane addresses, and for `guest_cid`.
+fn check_cids(hdr: &Hdr, guest_cid: u32) -> Result<(), DropReason> {
     // Rule 8: 32-bit CIDs only.
     if hdr.src_cid >> 32 != 0 || hdr.dst_cid >> 32 != 0 {
         return Err(DropReason::CidUpperBits);
     }
 
-    // Rule 9: the packet must be for us.
-    if hdr.dst_cid != u64::from(guest_cid) {
+    // Rule 9: the packet must be for us, and we must have a CID.
+    if hdr.dst_cid != u64::from(guest_cid) || guest_cid == VMADDR_CID_ANY {
         return Err(DropReason::WrongDstCid);
     }
 
@@ -336,10 +399,5 @@ pub fn validate_rx(
     if src_cid == VMADDR_CID_ANY || src_cid == VMADDR_CID_LOCAL || src_cid == guest_cid {
         return Err(DropReason::BadSrcCid);
     }
-
-    Ok(ValidHdr {
-        hdr,
-        packet_type,
-        op,
-    })
+    Ok(())
 }

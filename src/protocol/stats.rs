@@ -41,13 +41,25 @@ pub enum Counter {
     EventBadLen,
     /// Times the configuration space held an unusable guest CID.
     ConfigBadCid,
+    /// Times the guest CID changed: at a transport reset, or when the rx
+    /// path found a packet for the CID the configuration space now holds.
+    GuestCidChanged,
+    /// Rejected packets handed to the common code to be answered as C does
+    /// (see [`answer_rejected`](super::answer_rejected)); each is also
+    /// counted under its [`Counter::RxDropped`] reason.
+    RxAnswered,
+    /// Packets refused because the device has no usable guest CID yet.
+    TxNoCid,
+    /// Packets dropped because they had more fragments than a tx buffer
+    /// can describe; they can never be sent.
+    TxTooManyFrags,
 }
 
 /// Counters before the [`Counter::RxDropped`] block.
 const DROP_BASE: usize = 2;
 
 /// Counters after the [`Counter::RxDropped`] block.
-const AFTER_DROP: [Counter; 11] = [
+const AFTER_DROP: [Counter; 15] = [
     Counter::RxRepliesThrottled,
     Counter::RxRefills,
     Counter::RxRefillFailures,
@@ -59,6 +71,10 @@ const AFTER_DROP: [Counter; 11] = [
     Counter::EventUnknown,
     Counter::EventBadLen,
     Counter::ConfigBadCid,
+    Counter::GuestCidChanged,
+    Counter::RxAnswered,
+    Counter::TxNoCid,
+    Counter::TxTooManyFrags,
 ];
 
 /// Index of the first counter after the [`Counter::RxDropped`] block.
@@ -98,6 +114,10 @@ impl Counter {
             Counter::EventUnknown => AFTER_BASE + 8,
             Counter::EventBadLen => AFTER_BASE + 9,
             Counter::ConfigBadCid => AFTER_BASE + 10,
+            Counter::GuestCidChanged => AFTER_BASE + 11,
+            Counter::RxAnswered => AFTER_BASE + 12,
+            Counter::TxNoCid => AFTER_BASE + 13,
+            Counter::TxTooManyFrags => AFTER_BASE + 14,
         }
     }
 
@@ -148,6 +168,10 @@ impl Counter {
             Counter::EventUnknown => "event_unknown",
             Counter::EventBadLen => "event_bad_len",
             Counter::ConfigBadCid => "config_bad_cid",
+            Counter::GuestCidChanged => "guest_cid_changed",
+            Counter::RxAnswered => "rx_answered",
+            Counter::TxNoCid => "tx_no_cid",
+            Counter::TxTooManyFrags => "tx_too_many_frags",
         }
     }
 

@@ -3,9 +3,9 @@
 //! Tests of `validate_rx`: every malformed-header class and every good case.
 
 use virtio_vsock_rs::protocol::{
-    validate_rx, DropReason, Features, Hdr, Op, Type, F_NO_IMPLIED_STREAM, F_SEQPACKET, F_STREAM,
-    HDR_SIZE, HDR_SIZE_U32, SEQ_EOM, SEQ_EOR, SHUTDOWN_MASK, VMADDR_CID_ANY, VMADDR_CID_HOST,
-    VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL,
+    answer_rejected, validate_rx, DropReason, Features, Hdr, Op, Type, F_NO_IMPLIED_STREAM,
+    F_SEQPACKET, F_STREAM, HDR_SIZE, HDR_SIZE_U32, SEQ_EOM, SEQ_EOR, SHUTDOWN_MASK, VMADDR_CID_ANY,
+    VMADDR_CID_HOST, VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL,
 };
 
 const GUEST: u32 = 3;
@@ -454,4 +454,124 @@ fn header_is_read_little_endian() {
         validate_rx(HDR_SIZE_U32, CAP, &b, GUEST, Features::NONE),
         Err(DropReason::UnknownType)
     );
+}
+
+// A guest without a usable CID.
+
+#[test]
+fn no_guest_cid_drops_everything() {
+    for dst in [u64::from(GUEST), u64::from(VMADDR_CID_ANY)] {
+        let hdr = Hdr {
+            dst_cid: dst,
+            ..base(Op::Request, 0)
+        };
+        let bytes = hdr.to_bytes();
+        assert_eq!(
+            validate_rx(HDR_SIZE_U32, CAP, &bytes, VMADDR_CID_ANY, Features::NONE),
+            Err(DropReason::WrongDstCid),
+            "dst={dst:#x}"
+        );
+    }
+}
+
+// Which rejected packets the common code answers.
+
+#[test]
+fn answered_classes_are_type_and_op_only() {
+    let unknown_type = Hdr {
+        type_: 9,
+        ..base(Op::Request, 0)
+    };
+    let seqpacket = Hdr {
+        type_: Type::SeqPacket.as_raw(),
+        ..base(Op::Request, 0)
+    };
+    let invalid_op = Hdr {
+        op: 0,
+        ..base(Op::Request, 0)
+    };
+    let unknown_op = Hdr {
+        op: 8,
+        ..base(Op::Request, 0)
+    };
+    for (hdr, reason) in [
+        (unknown_type, DropReason::UnknownType),
+        (seqpacket, DropReason::TypeNotNegotiated),
+        (invalid_op, DropReason::InvalidOp),
+        (unknown_op, DropReason::UnknownOp),
+    ] {
+        assert_eq!(check(&hdr, Features::NONE).unwrap_err(), reason);
+        assert!(
+            answer_rejected(reason, &hdr.to_bytes(), GUEST),
+            "{reason:?}"
+        );
+    }
+    let ok = base(Op::Request, 0).to_bytes();
+    for reason in DropReason::ALL {
+        let answered = matches!(
+            reason,
+            DropReason::UnknownType
+                | DropReason::TypeNotNegotiated
+                | DropReason::InvalidOp
+                | DropReason::UnknownOp
+        );
+        assert_eq!(answer_rejected(reason, &ok, GUEST), answered, "{reason:?}");
+    }
+}
+
+#[test]
+fn answered_only_when_addresses_are_sane() {
+    let good = Hdr {
+        type_: 9,
+        ..base(Op::Request, 0)
+    };
+    assert!(answer_rejected(
+        DropReason::UnknownType,
+        &good.to_bytes(),
+        GUEST
+    ));
+    let bad = [
+        Hdr { dst_cid: 4, ..good },
+        Hdr {
+            dst_cid: u64::from(VMADDR_CID_ANY),
+            ..good
+        },
+        Hdr {
+            dst_cid: (1 << 32) | u64::from(GUEST),
+            ..good
+        },
+        Hdr {
+            src_cid: 1 << 32 | 2,
+            ..good
+        },
+        Hdr {
+            src_cid: u64::from(VMADDR_CID_ANY),
+            ..good
+        },
+        Hdr {
+            src_cid: u64::from(VMADDR_CID_LOCAL),
+            ..good
+        },
+        Hdr {
+            src_cid: u64::from(GUEST),
+            ..good
+        },
+    ];
+    for hdr in bad {
+        assert!(
+            !answer_rejected(DropReason::UnknownType, &hdr.to_bytes(), GUEST),
+            "{hdr:?}"
+        );
+    }
+    // No CID, no answer; a short buffer is never answered.
+    assert!(!answer_rejected(
+        DropReason::UnknownType,
+        &good.to_bytes(),
+        VMADDR_CID_ANY
+    ));
+    assert!(!answer_rejected(
+        DropReason::UnknownType,
+        &good.to_bytes()[..HDR_SIZE - 1],
+        GUEST
+    ));
 }
