@@ -849,7 +849,11 @@ impl VmState {
                         // Leave the buffer to the healthy traffic.
                         rx.get_mut().get_queue_mut().go_to_previous_position();
                         info!("cid {cid}: inject {}: {e}", job.kind.name());
-                        answer(&mut job.reply, format!("ERR {e} (injected {})", job.done));
+                        let line = match job.done {
+                            0 => format!("ERR {e}"),
+                            n => format!("ERR {e} (injected {n})"),
+                        };
+                        answer(&mut job.reply, line);
                         self.injects.pop_front();
                         return InjectStep::Ended;
                     }
@@ -985,7 +989,9 @@ impl VmState {
                 let on_tx = || {
                     let r = tx.get_ref();
                     let q = r.get_queue();
-                    free(q.size(), &avail_heads(q, &guard), &none)
+                    q.ready()
+                        .then(|| free(q.size(), &avail_heads(q, &guard), &none))
+                        .flatten()
                 };
                 match (on_rx, on_rx.is_none().then(on_tx).flatten()) {
                     (Some(id), _) => (rx, vec![(u32::from(id), 0); n]),
