@@ -450,6 +450,7 @@ def make_args():
     p.add_argument("--json", help="where the raw samples go (default "
                    "$CACHE/bench/bench-<timestamp>.json)")
     p.add_argument("--workdir", help="where logs go (default: a temp dir)")
+    vmtest.add_front_args(p)
     args = p.parse_args()
     args.peer = args.peer or args.driver
     if args.peer2 and not args.driver2:
@@ -472,6 +473,7 @@ def setup(args):
             f"--mem={args.mem}", f"--append={args.append}",
             f"--boot-timeout={args.boot_timeout}",
             f"--timeout={args.run_timeout}", "--no-kmemleak"]
+    argv += vmtest.front_argv(args)
     if args.workdir:
         argv.append(f"--workdir={args.workdir}")
     else:
@@ -484,7 +486,7 @@ def setup(args):
                  f"kernel in {CACHE}/initramfs (it holds vsock-echo): run "
                  f"'make bench' or 'make extras FLAVOUR={args.kernel}'")
     for k, v in vars(vargs).items():
-        if not hasattr(args, k) or k in ("workdir", "initrd"):
+        if not hasattr(args, k) or k in ("workdir", "initrd", "front"):
             setattr(args, k, v)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.json = args.json or os.path.join(CACHE, "bench",
@@ -501,7 +503,7 @@ def main():
         configs.append(Config("B", args.driver2, args.peer2,
                               "#2" if same else ""))
     log(f"bench: {' vs '.join(c.label for c in configs)}, kernel "
-        f"{args.kernel}, {args.reps} reps, {human(args.bytes_4k)} per 4K "
+        f"{args.kernel}, {args.front} front, {args.reps} reps, {human(args.bytes_4k)} per 4K "
         f"run, {human(args.bytes_64k)} per 64K run, {args.lat_count} round "
         f"trips per latency run; logs in {args.workdir}")
     load = os.getloadavg()[0]
@@ -534,9 +536,9 @@ def main():
         "configs": [{"name": c.name, "label": c.label, "guest3": c.driver,
                      "guest4": c.peer} for c in configs],
         "settings": {k: getattr(args, k) for k in (
-            "kernel", "kdir", "reps", "bytes_4k", "bytes_64k",
-            "warmup_bytes", "lat_count", "lat_warmup", "lat_size", "smp",
-            "mem", "append", "run_timeout", "workdir")},
+            "kernel", "kdir", "front", "root_port", "reps", "bytes_4k",
+            "bytes_64k", "warmup_bytes", "lat_count", "lat_warmup",
+            "lat_size", "smp", "mem", "append", "run_timeout", "workdir")},
         "host": {"node": platform.node(), "cpus": os.cpu_count(),
                  "loadavg_start": load0, "loadavg_end": os.getloadavg()},
         "method": "tput: bytes sent * 8 / receiver time from accept to EOF "

@@ -132,10 +132,12 @@ def main():
     p.add_argument("--shell", action="store_true",
                    help="boot one guest and give its console")
     p.add_argument("--workdir")
+    vmtest.add_front_args(p)
     a = p.parse_args()
     args = vmtest.parse_args([
         "--driver", a.driver, "--peer", a.driver, "--kernel", a.kernel,
-    ] + (["--workdir", a.workdir] if a.workdir else []))
+    ] + (["--workdir", a.workdir] if a.workdir else [])
+        + vmtest.front_argv(a))
     if a.shell:
         sock = os.path.join(args.workdir, "vhost-3.sock")
         uds = os.path.join(args.workdir, "host-3.vsock")
@@ -151,7 +153,8 @@ def main():
 
     bed = vmtest.Bed(args, args.workdir)
     try:
-        step(f"booting guests 3 and 4 with the '{a.driver}' transport")
+        step(f"booting guests 3 and 4 with the '{a.driver}' transport on "
+             f"the {args.front} front")
         t0 = time.monotonic()
         bed.start({3: a.driver, 4: a.driver})
         log(f"  up in {time.monotonic() - t0:.0f} s; logs in {args.workdir}")

@@ -8,6 +8,11 @@ links them with a private QEMU socket netdev on 127.0.0.1 for vsock_test's
 TCP control channel, and drives each guest through the agent that
 tools/guest/init runs on the guest's second serial port.
 
+The device reaches the guests through one of two QEMU fronts (--front): on
+"generic", QEMU 11.1 (tools/setup-qemu.sh, run chrooted in its own root)
+hands the device all three queues, the config space and the feature bits;
+on "vsock", the host's QEMU 7.2 keeps the event queue and the config space.
+
 Every vsock_test case runs as its own pair of processes, in both role
 assignments (guest 3 server / guest 4 client, then swapped). A failed case is
 retried once and reported as flaky when the retry passes. Both consoles are
@@ -19,6 +24,7 @@ The last line printed is "N passed, N failed, N skipped".
 """
 
 import argparse
+import json
 import os
 import queue
 import re
@@ -55,6 +61,43 @@ COUNTERS_CMD = ("found=; for d in /sys/bus/virtio/devices/*/vsock_rs "
                 "(the C driver has none)'")
 
 
+# QEMU 11.1 from trixie-backports in a root of its own (tools/setup-qemu.sh).
+QEMU_ROOT = os.path.join(CACHE, "qemu-trixie")
+QEMU_STAMP = os.path.join(QEMU_ROOT, ".vsock-rs-qemu")
+# How the vsock device reaches a guest: "generic" is QEMU 11.1's
+# vhost-user-test-device-pci, where the device serves all three queues, the
+# config space and the feature bits; "vsock" is QEMU 7.2's (the host's)
+# vhost-user-vsock-pci, which keeps the event queue and config in QEMU.
+FRONTS = ("generic", "vsock")
+VIRTIO_ID_VSOCK = 19
+# vhost-user-vsock-pci's ring size; the generic front is given the same.
+VSOCK_VQ_SIZE = 128
+
+# Runs QEMU chrooted in QEMU_ROOT, in a mount namespace of its own: a tmpfs
+# on the root's /mnt becomes the new root, with the root's /usr, /etc and
+# /var bound read-only, the host's /dev, /proc and /sys, and each host path
+# QEMU needs at the same absolute path. Nothing is written to QEMU_ROOT, and
+# every mount goes away with QEMU, however it ends.
+CHROOT_SH = r"""set -e
+root=$1; shift
+new=$root/mnt
+mount -t tmpfs -o mode=755 qemu-root "$new"
+for d in usr etc var; do
+    mkdir "$new/$d"; mount -o bind,ro "$root/$d" "$new/$d"
+done
+for l in bin sbin lib lib64; do cp -P "$root/$l" "$new/$l"; done
+mkdir "$new/dev" "$new/proc" "$new/sys" "$new/tmp"
+mount --rbind /dev "$new/dev"
+mount --rbind /proc "$new/proc"
+mount --rbind /sys "$new/sys"
+while [ "$1" != -- ]; do
+    mkdir -p "$new$1"; mount --bind "$1" "$new$1"; shift
+done
+shift
+exec chroot "$new" "$@"
+"""
+
+
 class RunError(Exception):
     """A failure that ends the current case or the run, with its cause."""
 
@@ -67,6 +110,124 @@ def free_udp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def chroot_cmd(argv, binds):
+    """`argv` (a QEMU command) run inside QEMU_ROOT, seeing the host paths
+    `binds` (files or directories) at the same absolute paths."""
+    dirs = sorted({p if os.path.isdir(p) else os.path.dirname(p)
+                   for p in map(os.path.abspath, binds)})
+    userns = ["--map-root-user"] if os.geteuid() else []
+    return (["unshare", "--mount", "--propagation", "private"] + userns
+            + ["sh", "-c", CHROOT_SH, "qemu-chroot", QEMU_ROOT] + dirs
+            + ["--", "qemu-system-x86_64"] + argv[1:])
+
+
+def vsock_device(front, root_port=False, chardev="vhu0"):
+    """Properties of the vsock device on `front`, for -device or device_add.
+
+    The id is vsock0; with `root_port` it sits on the PCIe root port rp0, so
+    that it can be unplugged and plugged again.
+    """
+    if front == "generic":
+        dev = {"driver": "vhost-user-test-device-pci", "chardev": chardev,
+               "virtio-id": VIRTIO_ID_VSOCK, "num_vqs": 3,
+               "vq_size": VSOCK_VQ_SIZE, "config_size": 8}
+    else:
+        dev = {"driver": "vhost-user-vsock-pci", "chardev": chardev}
+    dev["id"] = "vsock0"
+    if root_port:
+        dev["bus"] = "rp0"
+    return dev
+
+
+def device_arg(props):
+    """A -device value from a property dict (driver first)."""
+    return ",".join([props["driver"]] + [f"{k}={v}" for k, v in props.items()
+                                         if k != "driver"])
+
+
+class Qmp:
+    """A QMP connection to one QEMU.
+
+    ``qmp(cmd, **args)`` runs one command and returns its "return" value;
+    an error reply raises RunError. Arguments whose names have a hyphen go
+    in a dict: ``qmp("device_add", **vsock_device("generic", True))``.
+    Events that arrive meanwhile are kept in ``events``.
+    """
+
+    def __init__(self, path, timeout=30):
+        self.path = path
+        self.timeout = timeout
+        self.events = []
+        end = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except OSError as e:
+                self.sock.close()
+                if time.monotonic() > end:
+                    raise RunError(f"QMP {path}: {e}")
+                time.sleep(0.1)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rwb")
+        if "QMP" not in self.read():
+            raise RunError(f"QMP {path}: no greeting")
+        self.qmp("qmp_capabilities")
+
+    def read(self):
+        try:
+            line = self.file.readline()
+        except OSError as e:
+            raise RunError(f"QMP {self.path}: {e}")
+        if not line:
+            raise RunError(f"QMP {self.path}: QEMU closed the connection")
+        return json.loads(line)
+
+    def qmp(self, cmd, **args):
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        try:
+            self.file.write(json.dumps(msg).encode() + b"\n")
+            self.file.flush()
+        except OSError as e:
+            raise RunError(f"QMP {cmd}: {e}")
+        while True:
+            reply = self.read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise RunError(f"QMP {cmd}: {reply['error'].get('desc')}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def wait_event(self, name, timeout, **data):
+        """The first event `name` whose data holds `data` (kept or new);
+        RunError on timeout."""
+        end = time.monotonic() + timeout
+        while True:
+            for ev in self.events:
+                got = ev.get("data", {})
+                if ev["event"] == name and all(got.get(k) == v
+                                               for k, v in data.items()):
+                    self.events.remove(ev)
+                    return ev
+            left = end - time.monotonic()
+            if left <= 0:
+                raise RunError(f"QMP: no {name} event {data or ''} within "
+                               f"{timeout} s")
+            self.sock.settimeout(left)
+            try:
+                self.events.append(self.read())
+            finally:
+                self.sock.settimeout(self.timeout)
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
 
 
 class Job:
@@ -130,6 +291,8 @@ class Guest:
         self.dir = workdir
         self.console = os.path.join(workdir, f"console-{cid}.log")
         self.agent_path = os.path.join(workdir, f"agent-{cid}.sock")
+        self.qmp_path = os.path.join(workdir, f"qmp-{cid}.sock")
+        self.qmp_conn = None
         self.vhost_sock = vhost_sock
         self.udp = (udp_mine, udp_peer)
         self.initrd = initrd
@@ -141,12 +304,15 @@ class Guest:
         self.scan_offset = 0
         self.lock = threading.Lock()
 
-    def qemu_cmd(self):
+    def qemu_argv(self):
+        """The QEMU command line, for either front (args.front)."""
         a = self.args
         kernel = os.path.join(a.kdir, "arch/x86/boot/bzImage")
         append = (f"console=ttyS0 tb.cid={self.cid} tb.driver={self.driver} "
                   "panic=-1 loglevel=6 " + a.append).strip()
         mem = a.mem
+        root_port = (["-device", "pcie-root-port,id=rp0,slot=1,chassis=1"]
+                     if a.root_port else [])
         return [
             # No 5-level paging: one early-boot KASAN report in ~20 boots
             # of the debug kernel under TCG came with it (not from vsock).
@@ -161,19 +327,53 @@ class Guest:
             "-chardev",
             f"socket,id=agent,path={self.agent_path},server=on,wait=off",
             "-serial", "chardev:agent",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-netdev",
             f"socket,id=n0,udp=127.0.0.1:{self.udp[1]},"
             f"localaddr=127.0.0.1:{self.udp[0]}",
             "-device",
             f"virtio-net-pci,netdev=n0,mac=52:54:00:12:34:{self.cid:02x}",
             "-chardev", f"socket,id=vhu0,path={self.vhost_sock}",
-            "-device", "vhost-user-vsock-pci,chardev=vhu0",
+        ] + root_port + [
+            "-device", device_arg(vsock_device(a.front, a.root_port)),
         ]
 
+    def qemu_cmd(self, argv=None):
+        """The command that runs QEMU (`argv`, default qemu_argv()) on the
+        chosen front: the host's QEMU, or QEMU 11.1 in its root."""
+        argv = argv or self.qemu_argv()
+        if self.args.front == "vsock":
+            return argv
+        return chroot_cmd(argv, [self.dir, argv[argv.index("-kernel") + 1],
+                                 self.initrd, self.vhost_sock])
+
+    def qmp(self, cmd, **args):
+        """Run a QMP command in this guest's QEMU (see Qmp)."""
+        if self.qmp_conn is None:
+            self.qmp_conn = Qmp(self.qmp_path)
+        return self.qmp_conn.qmp(cmd, **args)
+
+    def unplug_vsock(self, timeout=60):
+        """Unplug the vsock device (needs --root-port) and close its
+        vhost-user connection, as a real unplug would."""
+        self.qmp("device_del", id="vsock0")
+        self.qmp_conn.wait_event("DEVICE_DELETED", timeout, device="vsock0")
+        # A new device on the old connection would say SET_OWNER twice,
+        # which the vhost-user backend refuses.
+        self.qmp("chardev-remove", id="vhu0")
+
+    def plug_vsock(self):
+        """Plug the vsock device back in, on a new vhost-user connection."""
+        addr = {"type": "unix", "data": {"path": self.vhost_sock}}
+        self.qmp("chardev-add", id="vhu0", backend={
+            "type": "socket", "data": {"addr": addr, "server": False}})
+        self.qmp("device_add", **vsock_device(self.args.front, True))
+
     def start(self):
-        for p in (self.console, self.agent_path):
+        for p in (self.console, self.agent_path, self.qmp_path):
             if os.path.exists(p):
                 os.unlink(p)
+        self.qmp_conn = None
         self.scan_offset = 0
         self.jobs = {}
         self.events = queue.Queue()
@@ -305,6 +505,9 @@ class Guest:
             self.proc.wait()
         if self.sock:
             self.sock.close()
+        if self.qmp_conn:
+            self.qmp_conn.close()
+            self.qmp_conn = None
 
 
 class Bed:
@@ -510,7 +713,8 @@ def run_suite(args, res):
     if args.one_way:
         assignments = assignments[:1]
     drivers = {3: args.driver, 4: args.peer}
-    log(f"== booting guest 3 ({drivers[3]}) and guest 4 ({drivers[4]})")
+    log(f"== booting guest 3 ({drivers[3]}) and guest 4 ({drivers[4]}) on "
+        f"the {args.front} front")
     bed = Bed(args, args.workdir)
     t0 = time.monotonic()
     try:
@@ -700,6 +904,40 @@ def selftest(args, res):
     bed.stop()
 
 
+def add_front_args(p):
+    """The options that choose how the vsock device reaches the guests."""
+    p.add_argument("--front", choices=FRONTS,
+                   help="generic: QEMU 11.1's vhost-user-test-device-pci, "
+                   "the device owns all three queues and the config space "
+                   "(default when 'make qemu' has set it up); vsock: the "
+                   "host's QEMU 7.2 vhost-user-vsock-pci (no device events)")
+    p.add_argument("--root-port", action="store_true",
+                   help="put the vsock device (id vsock0) on a PCIe root "
+                   "port (id rp0), so that QMP can unplug and plug it")
+
+
+def front_argv(a):
+    """add_front_args' options as parsed into `a`, for parse_args()."""
+    return ((["--front", a.front] if a.front else [])
+            + (["--root-port"] if a.root_port else []))
+
+
+def pick_front(front):
+    """The front asked for, or the default: generic when it is set up."""
+    ready = os.path.exists(QEMU_STAMP)
+    if front == "generic" and not ready:
+        sys.exit(f"error: --front generic needs QEMU 11.1 in {QEMU_ROOT}: "
+                 "run 'make qemu' (as root), or use --front vsock")
+    if front:
+        return front
+    if ready:
+        return "generic"
+    log(f"note: no QEMU 11.1 in {QEMU_ROOT} ('make qemu' sets it up): "
+        "using --front vsock, QEMU 7.2's vhost-user-vsock-pci, where the "
+        "device can send no events")
+    return "vsock"
+
+
 def parse_args(argv=None):
     """Parse the command line and check that every part of the bed exists."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -731,9 +969,13 @@ def parse_args(argv=None):
                    help="check the runner's own failure detection")
     p.add_argument("--extra-initrd", action="append", default=[],
                    help="cpio archive appended to the initramfs")
+    add_front_args(p)
     args = p.parse_args(argv)
 
-    args.qemu = shutil.which("qemu-system-x86_64")
+    args.front = pick_front(args.front)
+    args.qemu = (os.path.join(QEMU_ROOT, "usr/bin/qemu-system-x86_64")
+                 if args.front == "generic"
+                 else shutil.which("qemu-system-x86_64"))
     args.kdir = os.environ.get("KDIR") or os.path.join(CACHE, "kernel",
                                                         args.kernel)
     args.device = os.environ.get("VSOCK_DEVICE") or os.path.join(
@@ -755,7 +997,8 @@ def parse_args(argv=None):
         if not path or not os.path.exists(path):
             sys.exit(f"error: {what} not found ({path}): run 'make setup "
                      f"kernel' or the Makefile target that builds it")
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix="vmtest-")
+    args.workdir = os.path.abspath(args.workdir or
+                                   tempfile.mkdtemp(prefix="vmtest-"))
     os.makedirs(args.workdir, exist_ok=True)
     # One initramfs for both guests: the base one plus the extras.
     args.initrd = os.path.join(args.workdir, "initrd.cpio")
@@ -769,7 +1012,7 @@ def parse_args(argv=None):
 def shell_cmd(args, driver, vhost_sock):
     """QEMU command line for one interactive guest (CID 3) on a device."""
     g = Guest(args, 3, args.workdir, vhost_sock, 0, 0, driver, args.initrd)
-    cmd = g.qemu_cmd()
+    cmd = g.qemu_argv()
     # Console on stdio; no agent and no network.
     drop = ("file:", "id=agent", "chardev:agent", "id=n0", "virtio-net-pci")
     out = [cmd[0]]
@@ -782,7 +1025,7 @@ def shell_cmd(args, driver, vhost_sock):
         i += len(item)
     k = out.index("-append") + 1
     out[k] = out[k].replace("console=ttyS0", "console=ttyS0 tb.shell=1")
-    return out + ["-serial", "mon:stdio"]
+    return g.qemu_cmd(out + ["-serial", "mon:stdio"])
 
 
 def main():
