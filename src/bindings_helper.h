@@ -32,7 +32,8 @@ const u32 VSOCK_RS_CONST_VIRTIO_DEV_ANY_ID = VIRTIO_DEV_ANY_ID;
 /* virtio */
 bool vsock_rs_virtio_has_feature(const struct virtio_device *vdev,
 				 unsigned int fbit);
-u64 vsock_rs_virtio_cread64(struct virtio_device *vdev, unsigned int offset);
+u64 vsock_rs_virtio_cread_le64(struct virtio_device *vdev, unsigned int offset);
+void vsock_rs_pin_driver_module(struct virtio_device *vdev);
 int vsock_rs_virtio_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 			     struct virtqueue *vqs[],
 			     struct virtqueue_info vqs_info[]);

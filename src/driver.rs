@@ -5,17 +5,18 @@
 //! One [`Vsock`] per bound device holds the three virtqueues, each behind
 //! its own lock (`None` while the device is stopped, which plays the role of
 //! the C driver's `rx_run`/`tx_run`/`event_run`), the queue of packets
-//! waiting for room on the tx virtqueue, and the four work items. The active
-//! device is published in [`THE_VSOCK`] for the transport callbacks, as
-//! `the_virtio_vsock`.
+//! waiting for room on the tx virtqueue, and the four work items, which run
+//! on the module's workqueue [`WORKQUEUE`] (`virtio_vsock_workqueue`). The
+//! active device is published in [`THE_VSOCK`] for the transport callbacks,
+//! as `the_virtio_vsock`.
 
 #![deny(unsafe_code)]
 
 use crate::{
-    kext::{new_try_mutex, DebugfsDir, RcuArc, TryMutex, WorkQueue},
+    kext::{flush_work, new_try_mutex, DebugfsDir, RcuArc, TryMutex, WorkQueue},
     protocol::{self as proto, Counter, Event},
     skb::{Gfp, SkBuff, SkbQueue},
-    virtio::{self, Device, SgTable, Virtqueue},
+    virtio::{self, AddOutError, Device, SgTable, Virtqueue},
     vsock::{self, Transport, VsockSock},
 };
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -33,6 +34,13 @@ static TRANSPORT: vsock::Ops<VsockTransport> = vsock::Ops::new();
 
 /// The device in use, as `the_virtio_vsock`.
 static THE_VSOCK: RcuArc<Vsock> = RcuArc::new();
+
+/// The module's workqueue, shared by its devices as `virtio_vsock_workqueue`.
+///
+/// Work items hold an `Arc<Vsock>`, so the last reference to a device may be
+/// dropped by a worker; the queue itself is only ever destroyed by module
+/// exit ([`VsockModule`]), after every device is gone.
+static WORKQUEUE: RcuArc<WorkQueue> = RcuArc::new();
 
 /// Whether a device is active: only one is driven at a time.
 static CLAIMED: AtomicBool = AtomicBool::new(false);
@@ -83,7 +91,6 @@ type EventBuf = KBox<[u8; proto::EVENT_SIZE]>;
 /// The state of one virtio socket device (`struct virtio_vsock`).
 #[pin_data]
 pub(crate) struct Vsock {
-    wq: WorkQueue,
     stats: Arc<Stats>,
     features: proto::Features,
     /// Whether this device holds [`CLAIMED`].
@@ -152,28 +159,53 @@ impl Vsock {
         self.stats.guest_cid.load(Relaxed)
     }
 
-    /// Queues work item `ID` on the device's workqueue, unless already queued.
+    /// Queues work item `ID` on the module's workqueue, unless already queued.
     fn queue_work<const ID: u64>(self: &Arc<Self>)
     where
         Self: WorkItem<ID, Pointer = Arc<Self>> + HasWork<Self, ID>,
     {
-        let _ = self.wq.enqueue::<Arc<Self>, ID>(self.clone());
+        WORKQUEUE.with(|wq| {
+            if let Some(wq) = wq {
+                let _ = wq.enqueue::<Arc<Self>, ID>(self.clone());
+            }
+        });
     }
 
     /// Sets the guest CID from the configuration field `guest_cid`
-    /// (`virtio_vsock_update_guest_cid()`); keeps the old one if `raw` is invalid.
-    fn update_guest_cid(&self, raw: u64) -> Result {
-        match proto::guest_cid_from_config(raw) {
-            Ok(cid) => {
-                self.stats.guest_cid.store(cid, Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.inc(Counter::ConfigBadCid);
-                pr_err!("invalid guest CID in config space: {:?}\n", e);
-                Err(EINVAL)
-            }
+    /// (`virtio_vsock_update_guest_cid()`).
+    ///
+    /// An unusable value leaves the device without a CID ([`proto::VMADDR_CID_ANY`]):
+    /// it stays bound but drops what it receives and refuses to send, until
+    /// the device shows a usable CID again.
+    fn update_guest_cid(&self, raw: u64) {
+        let cid = proto::guest_cid_from_config(raw).unwrap_or_else(|e| {
+            self.stats.inc(Counter::ConfigBadCid);
+            pr_err!(
+                "unusable guest CID in config space: {:?}; no CID until the device gives one\n",
+                e
+            );
+            proto::VMADDR_CID_ANY
+        });
+        if self.stats.guest_cid.swap(cid, Relaxed) != cid {
+            self.stats.inc(Counter::GuestCidChanged);
         }
+    }
+
+    /// Takes the configuration's CID if it is now `dst_cid`, the destination
+    /// of a packet that failed validation with [`proto::DropReason::WrongDstCid`].
+    ///
+    /// After a transport reset that changed the CID, the device may deliver
+    /// packets for the new CID before the event work has run; as in C, they are
+    /// delivered. Returns whether the CID changed.
+    fn adopt_config_cid(&self, vq: &mut Virtqueue<SkBuff>, dst_cid: u64) -> bool {
+        let Ok(dst) = proto::guest_cid_from_config(dst_cid) else {
+            return false;
+        };
+        if dst == self.guest_cid() || vq.read_config_le64(GUEST_CID_OFFSET) != dst_cid {
+            return false;
+        }
+        self.update_guest_cid(dst_cid);
+        true
     }
 
     /// Posts rx buffers until the queue is full (`virtio_vsock_rx_fill()`).
@@ -202,19 +234,26 @@ impl Vsock {
     }
 
     /// Validates a used rx buffer and hands it to the common code.
-    fn rx_one(&self, mut skb: SkBuff, used_len: u32) {
-        let hdr = match proto::validate_rx(
-            used_len,
-            self.rx_buf_size,
-            skb.hdr(),
-            self.guest_cid(),
-            self.features,
-        ) {
-            Ok(hdr) => hdr,
-            Err(reason) => {
-                self.stats.inc(Counter::RxDropped(reason));
-                return;
+    fn rx_one(&self, vq: &mut Virtqueue<SkBuff>, mut skb: SkBuff, used_len: u32) {
+        let validate = |skb: &SkBuff| {
+            proto::validate_rx(
+                used_len,
+                self.rx_buf_size,
+                skb.hdr(),
+                self.guest_cid(),
+                self.features,
+            )
+        };
+        let mut verdict = validate(&skb);
+        if verdict == Err(proto::DropReason::WrongDstCid) {
+            let dst_cid = proto::Hdr::parse(skb.hdr()).map_or(0, |h| h.dst_cid);
+            if self.adopt_config_cid(vq, dst_cid) {
+                verdict = validate(&skb);
             }
+        }
+        let hdr = match verdict {
+            Ok(hdr) => hdr,
+            Err(reason) => return self.rx_rejected(skb, reason),
         };
         // Cannot fail: `validate_rx` checked the payload fits in the buffer.
         if skb.put(hdr.payload_len()).is_err() {
@@ -226,6 +265,31 @@ impl Vsock {
         self.stats.add(Counter::RxBytes, hdr.payload_len().into());
         vsock::deliver_tap(&skb);
         TRANSPORT.recv_pkt(skb);
+    }
+
+    /// Counts a packet that failed validation, shows it to the vsockmon taps,
+    /// and hands it to the common code if C would answer it
+    /// ([`proto::answer_rejected`]); drops it otherwise.
+    fn rx_rejected(&self, mut skb: SkBuff, reason: proto::DropReason) {
+        self.stats.inc(Counter::RxDropped(reason));
+        let answer = proto::answer_rejected(reason, skb.hdr(), self.guest_cid());
+        // The taps copy the header's `len` bytes: give them the payload only
+        // when it is known to be in the buffer (rules 1 to 3 held).
+        let payload = match reason {
+            proto::DropReason::ShortBuffer
+            | proto::DropReason::UsedLenOverCapacity
+            | proto::DropReason::PayloadTooLong => None,
+            _ => proto::Hdr::parse(skb.hdr()).map(|h| h.len),
+        };
+        match payload {
+            Some(len) if skb.put(len).is_ok() => (),
+            _ => skb.clear_hdr_len(),
+        }
+        vsock::deliver_tap(&skb);
+        if answer {
+            self.stats.inc(Counter::RxAnswered);
+            TRANSPORT.recv_pkt(skb);
+        }
     }
 
     /// `virtio_transport_rx_work()`, handling at most [`RX_BUDGET`] packets per run.
@@ -255,7 +319,7 @@ impl Vsock {
                 };
                 budget -= 1;
                 rx.buf_nr = rx.buf_nr.saturating_sub(1);
-                self.rx_one(skb, len);
+                self.rx_one(&mut rx.vq, skb, len);
             }
             if rx.vq.enable_cb() {
                 break;
@@ -267,13 +331,22 @@ impl Vsock {
     }
 
     /// Adds `skb` to the tx virtqueue (`virtio_transport_send_skb()`); the caller kicks.
+    ///
+    /// Gives `skb` back if the queue is full. A packet that can never fit in
+    /// a tx buffer is dropped and counted instead of being retried forever.
     fn send_skb(&self, tx: &mut TxState, skb: SkBuff, gfp: Gfp) -> Result<(), SkBuff> {
         let len = skb.len();
         match tx.vq.add_skb_out(skb, &mut tx.sg, gfp) {
             Ok(skb) => vsock::deliver_tap(skb),
-            Err(skb) => {
+            Err(AddOutError::Full(skb)) => {
                 self.stats.inc(Counter::TxQueueFull);
                 return Err(skb);
+            }
+            Err(AddOutError::TooManyFrags(skb)) => {
+                self.stats.inc(Counter::TxTooManyFrags);
+                pr_err!("dropped a {len}-byte packet with more fragments than a tx buffer holds\n");
+                drop(skb);
+                return Ok(());
             }
         }
         self.stats.inc(Counter::TxPackets);
@@ -317,6 +390,10 @@ impl Vsock {
     fn send_pkt(self: &Arc<Self>, skb: SkBuff) -> Result<u32> {
         let len = skb.len();
         let dst_cid = proto::Hdr::parse(skb.hdr()).map_or(0, |hdr| hdr.dst_cid);
+        if self.guest_cid() == proto::VMADDR_CID_ANY {
+            self.stats.inc(Counter::TxNoCid);
+            return Err(ENODEV);
+        }
         if !proto::tx_dst_allowed(dst_cid, self.guest_cid()) {
             self.stats.inc(Counter::TxDstSelf);
             return Err(ENODEV);
@@ -389,7 +466,7 @@ impl Vsock {
                     Ok(Event::TransportReset) => {
                         // The device may have moved (live migration): new CID, connections lost.
                         self.stats.inc(Counter::EventTransportReset);
-                        let _ = self.update_guest_cid(vq.read_config_u64(GUEST_CID_OFFSET));
+                        self.update_guest_cid(vq.read_config_le64(GUEST_CID_OFFSET));
                         TRANSPORT.reset_connected_sockets();
                     }
                     Ok(Event::Unknown(_)) => self.stats.inc(Counter::EventUnknown),
@@ -471,10 +548,8 @@ impl virtio::Driver for Vsock {
             },
             GFP_KERNEL,
         )?;
-        let wq = WorkQueue::new(c_str!("virtio_vsock_rs"))?;
         Arc::pin_init(
             pin_init!(Self {
-                wq,
                 stats,
                 features,
                 active: AtomicBool::new(false),
@@ -523,7 +598,13 @@ impl virtio::Driver for Vsock {
             dev.reset_and_del_vqs([rx.vq.into(), tx.vq.into(), event.into()]);
         }
         this.send_pkt_queue.purge();
-        this.wq.flush();
+        // As `virtio_vsock_remove()`: no work can be queued any more (no
+        // queues, no callbacks, not published); wait for what runs. The send
+        // work first, since it may queue the rx work.
+        flush_work::<_, SEND_PKT_WORK>(&**this);
+        flush_work::<_, RX_WORK>(&**this);
+        flush_work::<_, TX_WORK>(&**this);
+        flush_work::<_, EVENT_WORK>(&**this);
         *this.debugfs.lock() = None;
         CLAIMED.store(false, Relaxed);
     }
@@ -553,28 +634,34 @@ impl Vsock {
             Virtqueue::<SkBuff>::from(tx),
             Virtqueue::<EventBuf>::from(event),
         );
-        if let Err(e) = self.update_guest_cid(dev.read_config_u64(GUEST_CID_OFFSET)) {
-            dev.reset_and_del_vqs([rx.into(), tx.into(), event.into()]);
-            return Err(e);
-        }
+        self.update_guest_cid(dev.read_config_le64(GUEST_CID_OFFSET));
         dev.ready();
         self.rx_vring_size.store(rx.vring_size(), Relaxed);
         self.tx_num_max.store(tx.num_max(), Relaxed);
         THE_VSOCK.replace(Some(self.clone()));
 
+        // As `virtio_vsock_vqs_start()`: each queue is stored under its lock
+        // before buffers are posted on it, so that the work a callback queues
+        // finds it and re-enables callbacks (with EVENT_IDX, a callback that
+        // found nothing would be the last interrupt).
         *self.tx.lock() = Some(TxState { vq: tx, sg });
-        let mut rx_state = RxState {
-            vq: rx,
-            buf_nr: 0,
-            buf_max_nr: 0,
-        };
-        self.rx_fill(&mut rx_state);
-        *self.rx.lock() = Some(rx_state);
-        for buf in events {
-            let _ = event.add_inbuf(buf, Gfp::Kernel);
+        {
+            let mut rx_guard = self.rx.lock();
+            let rx = rx_guard.insert(RxState {
+                vq: rx,
+                buf_nr: 0,
+                buf_max_nr: 0,
+            });
+            self.rx_fill(rx);
         }
-        event.kick();
-        *self.event.lock() = Some(event);
+        {
+            let mut event_guard = self.event.lock();
+            for buf in events {
+                let _ = event.add_inbuf(buf, Gfp::Kernel);
+            }
+            event.kick();
+            *event_guard = Some(event);
+        }
         *self.debugfs.lock() = self.debugfs_dir().ok();
 
         // Send what was queued before the tx virtqueue was there.
@@ -594,20 +681,41 @@ impl Vsock {
     }
 }
 
-/// The module: registers the transport, then the virtio driver.
+/// The module: creates the workqueue, registers the transport, then the virtio driver.
 pub(crate) struct VsockModule {
-    // Dropped in declaration order: the driver first, as `virtio_vsock_exit()`.
+    // Dropped in declaration order: the driver first, as `virtio_vsock_exit()`,
+    // and the workqueue last, once no device is left to queue work.
     _driver: virtio::Registration<Vsock>,
     _transport: vsock::Registration<VsockTransport>,
+    _workqueue: ModuleWorkQueue,
+}
+
+/// Owns [`WORKQUEUE`]: destroys it, after the work still queued, when dropped.
+struct ModuleWorkQueue;
+
+impl ModuleWorkQueue {
+    fn new() -> Result<Self> {
+        let wq = Arc::new(WorkQueue::new(c_str!("virtio_vsock_rs"))?, GFP_KERNEL)?;
+        WORKQUEUE.replace(Some(wq));
+        Ok(Self)
+    }
+}
+
+impl Drop for ModuleWorkQueue {
+    fn drop(&mut self) {
+        drop(WORKQUEUE.replace(None));
+    }
 }
 
 impl kernel::Module for VsockModule {
     fn init(module: &'static ThisModule) -> Result<Self> {
+        let workqueue = ModuleWorkQueue::new()?;
         let transport = TRANSPORT.register(module)?;
         let driver = virtio::Registration::new(module)?;
         Ok(Self {
             _driver: driver,
             _transport: transport,
+            _workqueue: workqueue,
         })
     }
 }

@@ -11,9 +11,16 @@ bool vsock_rs_virtio_has_feature(const struct virtio_device *vdev,
 	return virtio_has_feature(vdev, fbit);
 }
 
-u64 vsock_rs_virtio_cread64(struct virtio_device *vdev, unsigned int offset)
+/*
+ * A little-endian 64-bit field, as virtio_vsock_update_guest_cid() reads
+ * guest_cid: virtio_cread64() would be native-endian on a legacy device.
+ */
+u64 vsock_rs_virtio_cread_le64(struct virtio_device *vdev, unsigned int offset)
 {
-	return virtio_cread64(vdev, offset);
+	__le64 v;
+
+	virtio_cread_bytes(vdev, offset, &v, sizeof(v));
+	return le64_to_cpu(v);
 }
 
 int vsock_rs_virtio_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
@@ -157,4 +164,10 @@ void vsock_rs_reset_sock(struct sock *sk)
 	sk->sk_state = TCP_CLOSE;
 	sk->sk_err = ECONNRESET;
 	sk_error_report(sk);
+}
+
+/* Keeps the module of vdev's driver loaded for good (a leaked device). */
+void vsock_rs_pin_driver_module(struct virtio_device *vdev)
+{
+	__module_get(vdev->dev.driver->owner);
 }

@@ -3,8 +3,8 @@
 //! Small extensions of the 6.12 `kernel` crate that the driver needs.
 //!
 //! A mutex with `try_lock` ([`TryMutex`]), an [`Arc`] published with RCU
-//! ([`RcuArc`]), an owned workqueue ([`WorkQueue`]) and a debugfs directory
-//! of read-only counters ([`DebugfsDir`]).
+//! ([`RcuArc`]), an owned workqueue ([`WorkQueue`]) with [`flush_work`], and
+//! a debugfs directory of read-only counters ([`DebugfsDir`]).
 //!
 //! C headers: [`include/linux/mutex.h`](srctree/include/linux/mutex.h),
 //! [`include/linux/rcupdate.h`](srctree/include/linux/rcupdate.h),
@@ -14,6 +14,7 @@
 use crate::bindings;
 use core::{
     cell::UnsafeCell,
+    marker::PhantomData,
     ops::{Deref, DerefMut},
     ptr::{self, NonNull},
     sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering},
@@ -24,7 +25,7 @@ use kernel::{
     str::CStr,
     sync::{Arc, ArcBorrow, LockClassKey},
     types::Opaque,
-    workqueue::Queue,
+    workqueue::{HasWork, Queue, Work},
 };
 
 /// Creates a [`TryMutex`] initialiser with a fresh lockdep class.
@@ -81,21 +82,23 @@ impl<T> TryMutex<T> {
     }
 
     /// Acquires the mutex, sleeping until it is available.
+    #[must_use = "the mutex is unlocked when the guard is dropped"]
     pub(crate) fn lock(&self) -> TryMutexGuard<'_, T> {
         // SAFETY: By the type invariant the mutex is initialised.
         unsafe { bindings::vsock_rs_mutex_lock(self.mutex.get()) };
         // INVARIANT: The mutex was just acquired.
-        TryMutexGuard(self)
+        TryMutexGuard::new(self)
     }
 
     /// Acquires the mutex if it is free, without sleeping.
+    #[must_use = "the mutex is unlocked when the guard is dropped"]
     pub(crate) fn try_lock(&self) -> Option<TryMutexGuard<'_, T>> {
         // SAFETY: By the type invariant the mutex is initialised.
         let locked = unsafe { bindings::mutex_trylock(self.mutex.get()) } != 0;
         // INVARIANT: The mutex is held if `mutex_trylock()` returned 1. The guard must be built
         // only then (not with `then_some`, which would build and drop it, unlocking anyway).
         if locked {
-            Some(TryMutexGuard(self))
+            Some(TryMutexGuard::new(self))
         } else {
             None
         }
@@ -104,31 +107,59 @@ impl<T> TryMutex<T> {
 
 /// Access to the data of a locked [`TryMutex`]; unlocks it when dropped.
 ///
+/// Like [`kernel::sync::lock::Guard`], it is not `Send`: a mutex must be
+/// unlocked by the task that locked it.
+///
 /// # Invariants
 ///
-/// The guard's owner holds the mutex of `.0`.
-pub(crate) struct TryMutexGuard<'a, T>(&'a TryMutex<T>);
+/// The guard's owner holds the mutex of `lock`.
+#[must_use = "the mutex is unlocked when the guard is dropped"]
+pub(crate) struct TryMutexGuard<'a, T> {
+    lock: &'a TryMutex<T>,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<'a, T> TryMutexGuard<'a, T> {
+    /// The caller must hold the mutex of `lock`, and hands it to the guard.
+    fn new(lock: &'a TryMutex<T>) -> Self {
+        Self {
+            lock,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+// `TryMutexGuard` must not be `Send`. This fails to compile if it is: the
+// call is then ambiguous between the two implementations.
+const _: () = {
+    trait AmbiguousIfSend<A> {
+        fn check() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+    let _ = <TryMutexGuard<'static, ()> as AmbiguousIfSend<_>>::check;
+};
 
 impl<T> Deref for TryMutexGuard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
         // SAFETY: By the type invariant the mutex is held, so nobody else accesses `data`.
-        unsafe { &*self.0.data.get() }
+        unsafe { &*self.lock.data.get() }
     }
 }
 
 impl<T> DerefMut for TryMutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: By the type invariant the mutex is held, so nobody else accesses `data`.
-        unsafe { &mut *self.0.data.get() }
+        unsafe { &mut *self.lock.data.get() }
     }
 }
 
 impl<T> Drop for TryMutexGuard<'_, T> {
     fn drop(&mut self) {
         // SAFETY: By the type invariant this context holds the mutex.
-        unsafe { bindings::mutex_unlock(self.0.mutex.get()) };
+        unsafe { bindings::mutex_unlock(self.lock.mutex.get()) };
     }
 }
 
@@ -200,6 +231,16 @@ impl<T> Drop for RcuArc<T> {
     }
 }
 
+/// Waits until the last queued instance of work item `ID` of `item` has run (`flush_work()`).
+pub(crate) fn flush_work<T: HasWork<T, ID>, const ID: u64>(item: &T) {
+    // SAFETY: `item` is valid, so `raw_get_work` (which the `HasWork` contract makes a
+    // field projection) gives a valid `Work`, and `raw_get` its `work_struct`, which
+    // `new_work!` initialised.
+    let work = unsafe { Work::raw_get(T::raw_get_work(ptr::from_ref(item).cast_mut())) };
+    // SAFETY: `work` is an initialised work item, alive for this call.
+    unsafe { kernel::bindings::flush_work(work) };
+}
+
 /// An owned workqueue, destroyed (after running its pending work) when dropped.
 ///
 /// # Invariants
@@ -221,12 +262,6 @@ impl WorkQueue {
         };
         // INVARIANT: `wq` was just returned by `alloc_workqueue()`.
         NonNull::new(wq).map(Self).ok_or(ENOMEM)
-    }
-
-    /// Waits until every work item queued so far has finished.
-    pub(crate) fn flush(&self) {
-        // SAFETY: By the type invariant the workqueue is valid.
-        unsafe { kernel::bindings::__flush_workqueue(self.0.as_ptr()) };
     }
 }
 

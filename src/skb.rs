@@ -131,6 +131,15 @@ impl SkBuff {
         ptr
     }
 
+    /// Sets the header's `len` to zero, so that the header no longer claims
+    /// payload bytes the buffer does not hold (before showing a rejected
+    /// packet to the vsockmon taps, which copy `len` bytes).
+    pub(crate) fn clear_hdr_len(&mut self) {
+        // SAFETY: By the type invariant the buffer is valid and ours, and its head holds a
+        // header.
+        unsafe { (*bindings::vsock_rs_skb_hdr(self.as_ptr())).len = 0 };
+    }
+
     /// Marks `len` received payload bytes after the header as data (`virtio_vsock_skb_put()`).
     ///
     /// # Errors

@@ -14,7 +14,8 @@
 //!
 //! One rule is not enforced by the types: [`Driver::stop`] must hand every
 //! virtqueue back (the queues die with the device's transport). If a driver
-//! does not, its state is leaked rather than freed, and an error is logged.
+//! does not, its state is leaked rather than freed, an error is logged, and
+//! the module is pinned so that the leaked queues' callbacks stay valid.
 //!
 //! C headers: [`include/linux/virtio.h`](srctree/include/linux/virtio.h),
 //! [`include/linux/virtio_config.h`](srctree/include/linux/virtio_config.h).
@@ -101,10 +102,11 @@ impl<T: Driver> Device<T> {
             && unsafe { bindings::vsock_rs_virtio_has_feature(self.as_ptr(), bit) }
     }
 
-    /// Reads the little-endian 64-bit configuration field at `offset` (`virtio_cread64()`).
-    pub(crate) fn read_config_u64(&self, offset: u32) -> u64 {
+    /// Reads the little-endian 64-bit configuration field at `offset`
+    /// (`virtio_cread_bytes()` and `le64_to_cpu()`, also on legacy devices).
+    pub(crate) fn read_config_le64(&self, offset: u32) -> u64 {
         // SAFETY: The device is valid and bound; the transport checks the offset.
-        unsafe { bindings::vsock_rs_virtio_cread64(self.as_ptr(), offset) }
+        unsafe { bindings::vsock_rs_virtio_cread_le64(self.as_ptr(), offset) }
     }
 
     /// Tells the device that the driver is ready (`virtio_device_ready()`).
@@ -287,12 +289,12 @@ impl<T: Token> Virtqueue<T> {
         unsafe { (*self.as_ptr()).num_free }
     }
 
-    /// Reads a configuration field of the queue's device, as [`Device::read_config_u64`].
+    /// Reads a configuration field of the queue's device, as [`Device::read_config_le64`].
     ///
     /// A live queue means a bound device, so this is usable outside the driver callbacks.
-    pub(crate) fn read_config_u64(&mut self, offset: u32) -> u64 {
+    pub(crate) fn read_config_le64(&mut self, offset: u32) -> u64 {
         // SAFETY: By the type invariant the queue, hence its bound device, is live.
-        unsafe { bindings::vsock_rs_virtio_cread64((*self.as_ptr()).vdev, offset) }
+        unsafe { bindings::vsock_rs_virtio_cread_le64((*self.as_ptr()).vdev, offset) }
     }
 
     /// Notifies the device of new buffers (`virtqueue_kick()`).
@@ -382,12 +384,18 @@ impl Virtqueue<SkBuff> {
     /// fragments (as `virtio_transport_send_skb()`).
     ///
     /// Returns the buffer, now owned by the queue, for as long as the queue is borrowed.
+    ///
+    /// # Errors
+    ///
+    /// [`AddOutError::Full`] if the queue has no room now, and
+    /// [`AddOutError::TooManyFrags`] if the buffer has more fragments than a
+    /// [`SgTable`] holds, so it can never be added.
     pub(crate) fn add_skb_out<'a>(
         &'a mut self,
         skb: SkBuff,
         sg: &mut SgTable,
         gfp: Gfp,
-    ) -> Result<&'a Skb, SkBuff> {
+    ) -> Result<&'a Skb, AddOutError> {
         let p = skb.as_ptr();
         let mut sgs = [ptr::null_mut(); SG_MAX];
         let mut n = 0;
@@ -413,7 +421,7 @@ impl Virtqueue<SkBuff> {
             // SAFETY: `p` is a valid buffer.
             let nr_frags = unsafe { bindings::vsock_rs_skb_nr_frags(p) };
             if nr_frags as usize >= SG_MAX {
-                return Err(skb);
+                return Err(AddOutError::TooManyFrags(skb));
             }
             for i in 0..nr_frags {
                 let mut len = 0;
@@ -423,11 +431,19 @@ impl Virtqueue<SkBuff> {
             }
         }
         // SAFETY: Every scatterlist describes memory owned by `skb`.
-        unsafe { self.add_sgs(&mut sgs[..n], n, skb, gfp) }?;
+        unsafe { self.add_sgs(&mut sgs[..n], n, skb, gfp) }.map_err(AddOutError::Full)?;
         // SAFETY: The queue owns the buffer, and keeps it until `get_buf` or
         // `reset_and_del_vqs`, which both need the queue borrowed for longer than `'a`.
         Ok(unsafe { Skb::from_raw(p) })
     }
+}
+
+/// Why [`Virtqueue::add_skb_out`] gave a buffer back.
+pub(crate) enum AddOutError {
+    /// The queue is full for now: try again once the device has used buffers.
+    Full(SkBuff),
+    /// The buffer has more page fragments than a transmit can describe.
+    TooManyFrags(SkBuff),
 }
 
 impl<const N: usize> Virtqueue<KBox<[u8; N]>> {
@@ -526,12 +542,18 @@ impl<T: Driver> Adapter<T> {
     }
 
     /// Releases the driver state of `dev`; leaks it if the device still has virtqueues.
+    ///
+    /// Leaked queues keep their callbacks, which point into this module, so
+    /// the module is then pinned: it can no longer be unloaded, and no
+    /// callback can ever run in freed module text.
     fn release(dev: &Device<T>) {
         if dev.nr_vqs() != 0 {
             pr_err!(
-                "device {} removed with live virtqueues: state leaked\n",
+                "device {} removed with live virtqueues: state leaked, module pinned\n",
                 dev.index()
             );
+            // SAFETY: The device is valid and bound to this module's driver.
+            unsafe { bindings::vsock_rs_pin_driver_module(dev.as_ptr()) };
             return;
         }
         // SAFETY: The device is valid; without queues no callback can run.
