@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-2.0
 # Package what changes with the project's own code into a small cpio archive
 # that the runner appends to the guest initramfs: the samples and, when it
-# has been built, the Rust module.
+# has been built, the Rust module. FLAVOUR is one of KERNEL (tools/lib.sh).
 #
 # Usage: tools/build-extras.sh FLAVOUR [MODULE.ko]
 set -euo pipefail
@@ -10,7 +10,7 @@ set -euo pipefail
 
 flavour=${1:-debug}
 ko=${2:-}
-out=$CACHE/initramfs/extras-$flavour.cpio
+out=$CACHE/initramfs/extras-$(kname "$flavour").cpio
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/bin" "$root/lib/modules"
@@ -21,4 +21,4 @@ if [ -n "$ko" ]; then
 fi
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$out.tmp"
 mv "$out.tmp" "$out"
-msg "extras for $flavour: $out${ko:+ (with $(basename "$ko"))}"
+msg "extras for $KERNEL $flavour: $out${ko:+ (with $(basename "$ko"))}"

@@ -10,28 +10,36 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # The guest kernel: KERNEL=6.12 (default, Debian 12's linux-source-6.12) or
 # KERNEL=7.3 (linux-source-7.3 from trixie-backports). To add a kernel: a
-# case here (source package, apt suite, LLVM), a "kernel_X_Y" line in Kbuild
-# if the driver needs one, and fragments tools/kernel/<flavour>-X.Y.config
-# for the options that moved.
+# case in kernel_pkg, a "kernel_X_Y" cfg in Kbuild if the driver needs one,
+# and fragments tools/kernel/<flavour>-X.Y.config for options that moved.
+#
+# kernel_pkg VERSION sets, for that kernel:
 #   KVER_PKG   the Debian package holding /usr/src/$KVER_PKG.tar.xz
 #   KSUITE     the apt suite it comes from (empty: the host's own)
 #   KLLVM      LLVM= of the kernel build: 1 for clang, -19 for clang-19
 #   KLLVM_PKGS the LLVM packages KLLVM needs
 #   KLIBCLANG  the libclang bindgen must load (empty: the default one)
+kernel_pkg() {
+	case "$1" in
+	6.12)
+		KVER_PKG=linux-source-6.12 KSUITE='' KLLVM=1 KLIBCLANG=''
+		KLLVM_PKGS=(clang lld llvm libclang-dev) ;;
+	7.3)
+		# LLVM >= 17 (scripts/min-tool-version.sh): bookworm's clang-19.
+		KVER_PKG=linux-source-7.3 KSUITE=trixie-backports KLLVM=-19
+		KLIBCLANG=/usr/lib/llvm-19/lib
+		KLLVM_PKGS=(clang-19 lld-19 llvm-19 libclang1-19) ;;
+	*) die "unknown KERNEL=$1: use 6.12 or 7.3" ;;
+	esac
+}
 KERNEL=${KERNEL:-6.12}
-case "$KERNEL" in
-6.12)
-	KVER_PKG=linux-source-6.12 KSUITE='' KLLVM=1 KLIBCLANG=''
-	KLLVM_PKGS=(clang lld llvm libclang-dev) ;;
-7.3)
-	# 7.3 needs LLVM >= 17 (scripts/min-tool-version.sh): bookworm's clang-19.
-	KVER_PKG=linux-source-7.3 KSUITE=trixie-backports KLLVM=-19
-	KLIBCLANG=/usr/lib/llvm-19/lib
-	KLLVM_PKGS=(clang-19 lld-19 llvm-19 libclang1-19) ;;
-*) die "unknown KERNEL=$KERNEL: use 6.12 or 7.3" ;;
-esac
+kernel_pkg "$KERNEL"
 KSRC_TAR=/usr/src/$KVER_PKG.tar.xz
 KSRC=$CACHE/src/$KVER_PKG
+# vsock_test and friends come from the newest kernel's source on every bed,
+# built against each bed's own uapi headers.
+TESTS_KERNEL=7.3
+TESTS_KSRC=$CACHE/src/linux-source-$TESTS_KERNEL
 # Debian's rustc-web matches the rust-src the kernel needs; rustup's does not.
 KRUSTC=/usr/bin/rustc
 BINDGEN=$CACHE/cargo/bin/bindgen
@@ -45,8 +53,9 @@ if [ -n "$KLIBCLANG" ]; then export LIBCLANG_PATH=$KLIBCLANG; fi
 kname() {
 	if [ "$KERNEL" = 6.12 ]; then echo "$1"; else echo "$KERNEL-$1"; fi
 }
-# The vsock tests built against $KERNEL's uapi headers.
-VSOCK_TESTS=$CACHE/vsock-tests/$KERNEL
+# The vsock tests built against $KERNEL's uapi headers, named as kernels are:
+# $CACHE/vsock-tests/bin for 6.12, $CACHE/vsock-tests/7.3-bin for 7.3.
+VSOCK_TESTS_BIN=$CACHE/vsock-tests/$(kname bin)
 
 # Hash of files and strings, for cache keys.
 inputs_hash() {
