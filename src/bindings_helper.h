@@ -12,6 +12,7 @@
 #include <linux/rcupdate.h>
 #include <linux/scatterlist.h>
 #include <linux/skbuff.h>
+#include <linux/sysfs.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/virtio_ids.h>
@@ -34,6 +35,8 @@ bool vsock_rs_virtio_has_feature(const struct virtio_device *vdev,
 				 unsigned int fbit);
 u64 vsock_rs_virtio_cread_le64(struct virtio_device *vdev, unsigned int offset);
 void vsock_rs_pin_driver_module(struct virtio_device *vdev);
+void vsock_rs_sysfs_attr_init(struct attribute *attr);
+ssize_t vsock_rs_sysfs_emit_u64(char *buf, u64 value);
 int vsock_rs_virtio_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 			     struct virtqueue *vqs[],
 			     struct virtqueue_info vqs_info[]);

@@ -110,6 +110,8 @@ pub(crate) struct Vsock {
     #[pin]
     debugfs: Mutex<Option<DebugfsDir<Stats>>>,
     #[pin]
+    sysfs: Mutex<Option<virtio::U64Group<Stats>>>,
+    #[pin]
     rx_work: Work<Vsock, RX_WORK>,
     #[pin]
     tx_work: Work<Vsock, TX_WORK>,
@@ -562,6 +564,7 @@ impl virtio::Driver for Vsock {
                 event <- new_mutex!(None, "Vsock::event"),
                 send_pkt_queue <- SkbQueue::new(),
                 debugfs <- new_mutex!(None, "Vsock::debugfs"),
+                sysfs <- new_mutex!(None, "Vsock::sysfs"),
                 rx_work <- new_work!("Vsock::rx_work"),
                 tx_work <- new_work!("Vsock::tx_work"),
                 event_work <- new_work!("Vsock::event_work"),
@@ -606,6 +609,7 @@ impl virtio::Driver for Vsock {
         flush_work::<_, TX_WORK>(&**this);
         flush_work::<_, EVENT_WORK>(&**this);
         *this.debugfs.lock() = None;
+        *this.sysfs.lock() = None;
         CLAIMED.store(false, Relaxed);
     }
 
@@ -663,10 +667,33 @@ impl Vsock {
             *event_guard = Some(event);
         }
         *self.debugfs.lock() = self.debugfs_dir().ok();
+        *self.sysfs.lock() = self.sysfs_group(dev).ok();
 
         // Send what was queued before the tx virtqueue was there.
         self.queue_work::<SEND_PKT_WORK>();
         Ok(())
+    }
+
+    /// Creates `/sys/bus/virtio/devices/virtioN/vsock_rs/`: one file per
+    /// counter, then `guest_cid`, the stable interface for monitoring.
+    fn sysfs_group(&self, dev: &Device<Self>) -> Result<virtio::U64Group<Stats>> {
+        let mut files = KVec::with_capacity(Counter::COUNT + 1, GFP_KERNEL)?;
+        for counter in Counter::iter() {
+            files.push(
+                CString::try_from_fmt(fmt!("{}", counter.name()))?,
+                GFP_KERNEL,
+            )?;
+        }
+        files.push(CString::try_from_fmt(fmt!("guest_cid"))?, GFP_KERNEL)?;
+        dev.add_u64_group(
+            c_str!("vsock_rs"),
+            self.stats.clone(),
+            files,
+            |stats, index| match stats.counters.get(index) {
+                Some(counter) => counter.load(Relaxed),
+                None => stats.guest_cid.load(Relaxed).into(),
+            },
+        )
     }
 
     /// Creates `/sys/kernel/debug/virtio_vsock_rs/`: `guest_cid` and one file per counter.

@@ -171,3 +171,14 @@ void vsock_rs_pin_driver_module(struct virtio_device *vdev)
 {
 	__module_get(vdev->dev.driver->owner);
 }
+
+/* Lockdep needs a key for attributes that are not static. */
+void vsock_rs_sysfs_attr_init(struct attribute *attr)
+{
+	sysfs_attr_init(attr);
+}
+
+ssize_t vsock_rs_sysfs_emit_u64(char *buf, u64 value)
+{
+	return sysfs_emit(buf, "%llu\n", value);
+}

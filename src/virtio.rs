@@ -29,6 +29,7 @@ use kernel::{
     alloc::KBox,
     error::{from_result, to_result},
     prelude::*,
+    str::CString,
     sync::{Arc, ArcBorrow},
     types::{ForeignOwnable, Opaque},
     ThisModule,
@@ -107,6 +108,21 @@ impl<T: Driver> Device<T> {
     pub(crate) fn read_config_le64(&self, offset: u32) -> u64 {
         // SAFETY: The device is valid and bound; the transport checks the offset.
         unsafe { bindings::vsock_rs_virtio_cread_le64(self.as_ptr(), offset) }
+    }
+
+    /// Adds a directory `name` of read-only files to the device's sysfs
+    /// directory (`/sys/bus/virtio/devices/virtioN/<name>/`), one per entry
+    /// of `files`, each showing `read(&data, index)` as a decimal number.
+    ///
+    /// The files exist until the returned group is dropped.
+    pub(crate) fn add_u64_group<D: Send + Sync>(
+        &self,
+        name: &'static CStr,
+        data: Arc<D>,
+        files: KVec<CString>,
+        read: fn(&D, usize) -> u64,
+    ) -> Result<U64Group<D>> {
+        U64Group::new(self.as_ptr(), name, data, files, read)
     }
 
     /// Tells the device that the driver is ready (`virtio_device_ready()`).
@@ -507,6 +523,130 @@ impl SgTable {
             GFP_KERNEL,
         )?)
     }
+}
+
+/// One file of a [`U64Group`].
+#[repr(C)]
+struct U64Attr<D> {
+    /// First, so that the attribute sysfs hands to [`show_u64`] is the file.
+    attr: bindings::device_attribute,
+    data: *const D,
+    index: usize,
+    read: fn(&D, usize) -> u64,
+}
+
+/// A sysfs directory of read-only numbers under a virtio device, from
+/// [`Device::add_u64_group`]; removed when dropped.
+///
+/// # Invariants
+///
+/// `dev` holds a reference (`get_device()`) on a device whose kobject has
+/// `group` registered on it. `group` points at `ptrs` (null-terminated),
+/// which point at the attributes in `attrs`, whose names point into `names`
+/// and whose `data` points into `data`; none of these heap buffers moves or
+/// is freed until the group is removed.
+pub(crate) struct U64Group<D> {
+    dev: *mut bindings::device,
+    group: KBox<bindings::attribute_group>,
+    _ptrs: KVec<*mut bindings::attribute>,
+    _attrs: KVec<U64Attr<D>>,
+    _names: KVec<CString>,
+    _data: Arc<D>,
+}
+
+// SAFETY: The group only reads `D` (which is `Sync`), and can be removed from any thread.
+unsafe impl<D: Send + Sync> Send for U64Group<D> {}
+// SAFETY: `&U64Group` gives access to nothing.
+unsafe impl<D: Send + Sync> Sync for U64Group<D> {}
+
+impl<D: Send + Sync> U64Group<D> {
+    fn new(
+        vdev: *mut bindings::virtio_device,
+        name: &'static CStr,
+        data: Arc<D>,
+        names: KVec<CString>,
+        read: fn(&D, usize) -> u64,
+    ) -> Result<Self> {
+        let mut attrs = KVec::with_capacity(names.len(), GFP_KERNEL)?;
+        for (index, file) in names.iter().enumerate() {
+            // SAFETY: All-zero is a valid `device_attribute` (null name and callbacks).
+            let mut attr: bindings::device_attribute = unsafe { core::mem::zeroed() };
+            attr.attr.name = file.as_char_ptr();
+            attr.attr.mode = 0o444;
+            attr.show = Some(show_u64::<D>);
+            let entry = U64Attr {
+                attr,
+                data: &*data,
+                index,
+                read,
+            };
+            // Cannot reallocate: the capacity was reserved above.
+            attrs.push(entry, GFP_KERNEL)?;
+        }
+        let mut ptrs = KVec::with_capacity(attrs.len() + 1, GFP_KERNEL)?;
+        for a in attrs.iter_mut() {
+            let attr = ptr::addr_of_mut!(a.attr.attr);
+            // SAFETY: `attr` is valid, and stays where it is (no more pushes on `attrs`).
+            unsafe { bindings::vsock_rs_sysfs_attr_init(attr) };
+            ptrs.push(attr, GFP_KERNEL)?;
+        }
+        ptrs.push(ptr::null_mut(), GFP_KERNEL)?;
+        // SAFETY: All-zero is a valid `attribute_group` (no name, no attributes).
+        let mut group: KBox<bindings::attribute_group> =
+            KBox::new(unsafe { core::mem::zeroed() }, GFP_KERNEL)?;
+        group.name = name.as_char_ptr();
+        group.attrs = ptrs.as_mut_ptr();
+        // SAFETY: `vdev` is a valid, bound device (the caller's `Device`).
+        let dev = unsafe { bindings::get_device(ptr::addr_of_mut!((*vdev).dev)) };
+        // SAFETY: `dev` is valid (we hold a reference); the group and everything it points
+        // to stay allocated and unmoved until `drop` removes it.
+        let ret = unsafe { bindings::sysfs_create_group(ptr::addr_of_mut!((*dev).kobj), &*group) };
+        if let Err(e) = to_result(ret) {
+            // SAFETY: Paired with the `get_device()` above.
+            unsafe { bindings::put_device(dev) };
+            return Err(e);
+        }
+        // INVARIANT: The group was just registered on `dev`, which we hold.
+        Ok(Self {
+            dev,
+            group,
+            _ptrs: ptrs,
+            _attrs: attrs,
+            _names: names,
+            _data: data,
+        })
+    }
+}
+
+impl<D> Drop for U64Group<D> {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant the group is registered on `dev`, which we hold.
+        // Removal waits for the `show` calls in progress.
+        unsafe {
+            bindings::sysfs_remove_group(ptr::addr_of_mut!((*self.dev).kobj), &*self.group);
+            bindings::put_device(self.dev);
+        }
+    }
+}
+
+/// Shows one number of a [`U64Group`].
+///
+/// # Safety
+///
+/// `attr` must be the attribute of a live [`U64Attr<D>`], and `buf` a sysfs page.
+unsafe extern "C" fn show_u64<D>(
+    _dev: *mut bindings::device,
+    attr: *mut bindings::device_attribute,
+    buf: *mut kernel::ffi::c_char,
+) -> isize {
+    // CAST: `attr` is the first field of a `#[repr(C)]` `U64Attr<D>`.
+    // SAFETY: By the safety requirements; the group (and so the attribute and the data it
+    // points to) is removed only after every `show` has returned.
+    let a = unsafe { &*attr.cast::<U64Attr<D>>() };
+    // SAFETY: By `U64Group`'s invariant `data` is alive while the file exists.
+    let value = (a.read)(unsafe { &*a.data }, a.index);
+    // SAFETY: `buf` is a sysfs page, by the safety requirements.
+    unsafe { bindings::vsock_rs_sysfs_emit_u64(buf, value) }
 }
 
 /// Calls `T::vq_done` for the driver state of the queue's device.
