@@ -114,3 +114,116 @@ pub const fn cancel_restarts_rx(queued_after_sub: u32, cancelled: u32, rx_vring_
 pub const fn tx_dst_allowed(dst_cid: u64, guest_cid: u32) -> bool {
     dst_cid != guest_cid as u64
 }
+
+/// How much more memory than the C driver the posted rx buffers may take.
+///
+/// C posts one page per rx buffer and fills the whole ring; larger buffers
+/// are posted in fewer numbers so that rx memory stays within this factor.
+pub const RX_MEM_FACTOR: u32 = 4;
+
+/// How an rx buffer is built.
+///
+/// The header and the first payload bytes sit in one linear allocation of a
+/// page, exactly C's buffer; a larger payload continues in order-0 pages hung
+/// as fragments, so no allocation is ever above order 0 while the device can
+/// deliver up to [`MAX_PKT_BUF_SIZE`] bytes per packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxLayout {
+    /// Payload bytes in the linear part, after the header.
+    pub linear: u32,
+    /// Payload bytes in page fragments.
+    pub frags: u32,
+    /// Pages of fragments.
+    pub pages: u32,
+}
+
+impl RxLayout {
+    /// Lays out a buffer for `payload` bytes of payload.
+    ///
+    /// `linear_buf` is C's whole linear buffer, header included
+    /// ([`rx_buf_size`]), and `page_size` the size of a fragment page. The
+    /// payload is clamped to what a linear buffer holds at least and to
+    /// [`MAX_PKT_BUF_SIZE`] at most (see [`RxLayout::clamped`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use virtio_vsock_rs::protocol::RxLayout;
+    ///
+    /// // C's buffer: 3776 bytes, header included, no fragments.
+    /// let c = RxLayout::new(0, 3776, 4096);
+    /// assert_eq!((c.linear, c.frags, c.pages), (3732, 0, 0));
+    /// assert_eq!(c.capacity(), 3776);
+    ///
+    /// // 64 KiB of payload: 3732 bytes linear, the rest in 16 pages.
+    /// let big = RxLayout::new(65536, 3776, 4096);
+    /// assert_eq!((big.linear, big.frags, big.pages), (3732, 61804, 16));
+    /// assert_eq!(big.capacity(), 44 + 65536);
+    /// ```
+    pub const fn new(payload: u32, linear_buf: u32, page_size: u32) -> Self {
+        let linear = linear_buf.saturating_sub(HDR_SIZE_U32);
+        let payload = Self::clamped(payload, linear);
+        let frags = payload - linear;
+        let pages = if page_size == 0 {
+            0
+        } else {
+            frags.div_ceil(page_size)
+        };
+        Self {
+            linear,
+            frags,
+            pages,
+        }
+    }
+
+    /// Returns `payload` clamped to `linear..=MAX_PKT_BUF_SIZE`: what a buffer
+    /// can hold at least (a linear buffer) and what one packet carries at most.
+    pub const fn clamped(payload: u32, linear: u32) -> u32 {
+        if payload < linear {
+            linear
+        } else if payload > MAX_PKT_BUF_SIZE && MAX_PKT_BUF_SIZE >= linear {
+            MAX_PKT_BUF_SIZE
+        } else {
+            payload
+        }
+    }
+
+    /// Returns the payload bytes a buffer holds.
+    pub const fn payload(self) -> u32 {
+        self.linear.saturating_add(self.frags)
+    }
+
+    /// Returns the length posted, header included: the capacity of
+    /// [`validate_rx`](super::validate_rx).
+    pub const fn capacity(self) -> u32 {
+        HDR_SIZE_U32.saturating_add(self.payload())
+    }
+
+    /// Returns the pages a buffer takes: its linear page and its fragments.
+    pub const fn pages_used(self) -> u32 {
+        self.pages.saturating_add(1)
+    }
+
+    /// Returns how many buffers to keep posted on a ring of `vring_size`
+    /// entries, so that rx memory stays within [`RX_MEM_FACTOR`] times what
+    /// C posts (one page per entry). With C's layout that is the whole ring.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use virtio_vsock_rs::protocol::RxLayout;
+    ///
+    /// assert_eq!(RxLayout::new(0, 3776, 4096).max_bufs(128), 128);
+    /// // 17 pages a buffer: 4 * 128 / 17 = 30 buffers, 510 pages (C: 128).
+    /// assert_eq!(RxLayout::new(65536, 3776, 4096).max_bufs(128), 30);
+    /// ```
+    pub const fn max_bufs(self, vring_size: u32) -> u32 {
+        let bufs = RX_MEM_FACTOR.saturating_mul(vring_size) / self.pages_used();
+        let bufs = if bufs == 0 { 1 } else { bufs };
+        if bufs < vring_size {
+            bufs
+        } else {
+            vring_size
+        }
+    }
+}
