@@ -552,11 +552,6 @@ class BedLock:
             log("   waiting for another test bed on this machine to finish")
             fcntl.flock(self.f, fcntl.LOCK_EX)
 
-    def release(self):
-        if self.f:
-            self.f.close()
-            self.f = None
-
 
 BED_LOCK = BedLock()
 
