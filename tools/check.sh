@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 # Run every test the project has and sum them up in one closing line:
-# unit tests of the device, the protocol layer and the samples, a bounded
-# fuzz run of the rx header validation, the runner's self-test, and the VM
-# suites on the debug kernel: C/C (the baseline), Rust/C and Rust/Rust.
+# unit tests of the device, the protocol layer, the samples and the bench's
+# statistics, a bounded fuzz run of the rx header validation, the runner's
+# self-test, and the VM suites on the debug kernel: C/C (the baseline),
+# Rust/C and Rust/Rust.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$TOP"
@@ -54,6 +55,7 @@ make --no-print-directory setup kernel-debug initramfs device extras FLAVOUR=deb
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
 step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml
 step samples-unit cargo test --locked --manifest-path samples/Cargo.toml
+step bench-unit python3 tools/bench_test.py
 step module-lint make --no-print-directory lint
 step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
 step runner-selftest tools/vmtest.py --kernel debug --selftest
