@@ -9,7 +9,7 @@
 #   make run        the main job: two guests with the Rust driver, shown at work
 #   make shell      one guest with the Rust driver, on this terminal
 #   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
-#   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: vsock_perf/latency
+#   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: ratios, 95% CIs, noise
 #   make lint       rustfmt and clippy (kernel lints) on the module
 #   make check      every test the project has (what CI runs)
 #
@@ -106,6 +106,10 @@ vmtest: initramfs device extras
 vmtest-selftest: initramfs device extras
 	@tools/vmtest.py --kernel $(FLAVOUR) --selftest
 
+# The benchmark (tools/bench.py) on the perf kernel: second configuration
+# over the first, beside a copy of the first (the noise floor). BENCH_ARGS
+# adds options, e.g. BENCH_ARGS='--reps 2 --bytes 64M' for a quick look.
+BENCH_ARGS ?=
 bench:
 	@$(MAKE) --no-print-directory initramfs device extras FLAVOUR=perf
 	@tools/bench.py --driver $(DRIVER) --peer $(PEER) \
