@@ -7,6 +7,10 @@
 
 #![allow(
     clippy::all,
+    // Pedantic lints that 7.3's CLIPPY=1 turns on, as `rust/bindings` allows them.
+    clippy::cast_lossless,
+    clippy::ptr_as_ptr,
+    clippy::ref_as_ptr,
     clippy::undocumented_unsafe_blocks,
     dead_code,
     missing_docs,

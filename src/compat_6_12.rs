@@ -271,16 +271,15 @@ pub(crate) mod debugfs {
     // SAFETY: `&Scope` gives access to `&T` only.
     unsafe impl<T: Sync> Sync for Scope<T> {}
 
-    impl<T> Scope<T> {
+    impl<'a, T: 'a> Scope<T> {
         /// Creates the directory `name` at the top of debugfs for `data`;
         /// `init` adds its files.
-        pub(crate) fn dir<'a, E: 'a, F>(
+        pub(crate) fn dir<E: 'a, F>(
             data: impl PinInit<T, E> + 'a,
             name: &'a CStr,
             init: F,
         ) -> impl PinInit<Self, E> + 'a
         where
-            T: 'a,
             F: for<'data, 'dir> FnOnce(&'data T, &'dir ScopedDir<'data, 'dir>) + 'a,
         {
             try_pin_init!(Self {

@@ -19,10 +19,13 @@ use crate::{
     virtio::{self, AddOutError, Device, SgTable, Virtqueue},
     vsock::{self, Transport, VsockSock},
 };
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
+use core::{
+    convert::Infallible,
+    sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed},
+};
 use kernel::{
     alloc::KBox,
-    c_str, fmt, new_mutex,
+    c_str, new_mutex,
     prelude::*,
     str::CString,
     sync::{Arc, ArcBorrow, Mutex},
@@ -300,7 +303,7 @@ impl Vsock {
     /// `virtio_transport_rx_work()`, handling at most [`RX_BUDGET`] packets per run.
     fn rx_work(self: &Arc<Self>) {
         let mut guard = self.rx.lock();
-        let Some(rx) = guard.as_mut() else {
+        let Some(rx) = &mut *guard else {
             return;
         };
         let vring_size = rx.vq.vring_size();
@@ -364,7 +367,7 @@ impl Vsock {
         let mut restart_rx = false;
         {
             let mut guard = self.tx.lock();
-            let Some(tx) = guard.as_mut() else {
+            let Some(tx) = &mut *guard else {
                 return;
             };
             let rx_vring_size = self.rx_vring_size.load(Relaxed);
@@ -426,7 +429,7 @@ impl Vsock {
         let Some(mut guard) = self.tx.try_lock() else {
             return Err(skb);
         };
-        let Some(tx) = guard.as_mut() else {
+        let Some(tx) = &mut *guard else {
             return Err(skb);
         };
         self.send_skb(tx, skb, Gfp::Atomic)?;
@@ -439,7 +442,7 @@ impl Vsock {
         let mut added = false;
         {
             let mut guard = self.tx.lock();
-            let Some(tx) = guard.as_mut() else {
+            let Some(tx) = &mut *guard else {
                 return;
             };
             loop {
@@ -461,7 +464,7 @@ impl Vsock {
     /// `virtio_transport_event_work()`: handles events and posts their buffers again.
     fn event_work(self: &Arc<Self>) {
         let mut guard = self.event.lock();
-        let Some(vq) = guard.as_mut() else {
+        let Some(vq) = &mut *guard else {
             return;
         };
         loop {
@@ -683,11 +686,14 @@ impl Vsock {
         let mut files = KVec::with_capacity(Counter::COUNT + 1, GFP_KERNEL)?;
         for counter in Counter::iter() {
             files.push(
-                CString::try_from_fmt(fmt!("{}", counter.name()))?,
+                CString::try_from_fmt(format_args!("{}", counter.name()))?,
                 GFP_KERNEL,
             )?;
         }
-        files.push(CString::try_from_fmt(fmt!("guest_cid"))?, GFP_KERNEL)?;
+        files.push(
+            CString::try_from_fmt(format_args!("guest_cid"))?,
+            GFP_KERNEL,
+        )?;
         dev.add_u64_group(
             c_str!("vsock_rs"),
             self.stats.clone(),
@@ -709,14 +715,14 @@ impl Vsock {
             |stats, dir| {
                 dir.read_only_file(c_str!("guest_cid"), &stats.guest_cid);
                 for counter in Counter::iter() {
-                    let name = CString::try_from_fmt(fmt!("{}", counter.name()));
+                    let name = CString::try_from_fmt(format_args!("{}", counter.name()));
                     if let (Some(value), Ok(name)) = (stats.counters.get(counter.index()), name) {
                         dir.read_only_file(&name, value);
                     }
                 }
             },
         );
-        KBox::pin_init::<Error>(scope, GFP_KERNEL)
+        KBox::pin_init::<Infallible>(scope, GFP_KERNEL)
     }
 }
 

@@ -591,7 +591,15 @@ impl<D: Send + Sync> U64Group<D> {
             let mut attr: bindings::device_attribute = unsafe { core::mem::zeroed() };
             attr.attr.name = file.as_char_ptr();
             attr.attr.mode = 0o444;
-            attr.show = Some(show_u64::<D>);
+            // 6.12 has `show`, 7.3 a union of `show` and `show_const`.
+            #[cfg(not(kernel_7_3))]
+            {
+                attr.show = Some(show_u64::<D>);
+            }
+            #[cfg(kernel_7_3)]
+            {
+                attr.__bindgen_anon_1.show = Some(show_u64::<D>);
+            }
             let entry = U64Attr {
                 attr,
                 data: &*data,
@@ -613,7 +621,15 @@ impl<D: Send + Sync> U64Group<D> {
         let mut group: KBox<bindings::attribute_group> =
             KBox::new(unsafe { core::mem::zeroed() }, GFP_KERNEL)?;
         group.name = name.as_char_ptr();
-        group.attrs = ptrs.as_mut_ptr();
+        // 6.12 has `attrs`, 7.3 a union of `attrs` and `attrs_const`.
+        #[cfg(not(kernel_7_3))]
+        {
+            group.attrs = ptrs.as_mut_ptr();
+        }
+        #[cfg(kernel_7_3)]
+        {
+            group.__bindgen_anon_2.attrs = ptrs.as_mut_ptr();
+        }
         // SAFETY: `vdev` is a valid, bound device (the caller's `Device`).
         let dev = unsafe { bindings::get_device(ptr::addr_of_mut!((*vdev).dev)) };
         // SAFETY: `dev` is valid (we hold a reference); the group and everything it points
@@ -731,9 +747,13 @@ impl<T: Driver> Adapter<T> {
         let dev = unsafe { Device::<T>::from_raw(vdev) };
         from_result(|| {
             let this = T::probe(dev)?;
+            let data = this.clone().into_foreign();
+            // 6.12's `into_foreign` returns a `*const`.
+            #[cfg(not(kernel_7_3))]
+            let data = data.cast_mut();
             // INVARIANT: `priv` holds an `Arc<T>` from `into_foreign`.
             // SAFETY: The device is valid and its `priv` is ours.
-            unsafe { (*vdev).priv_ = this.clone().into_foreign().cast_mut() };
+            unsafe { (*vdev).priv_ = data };
             T::start(&this, dev).inspect_err(|_| Self::release(dev))?;
             Ok(0)
         })

@@ -69,10 +69,23 @@ mod vsock;
 use driver::VsockModule;
 use kernel::prelude::*;
 
+// 6.12's `module!` takes `author`, 7.3's `authors`.
+#[cfg(not(kernel_7_3))]
 module! {
     type: VsockModule,
     name: "virtio_vsock_rs",
     author: "virtio_vsock_rs authors",
+    description: "virtio transport for vsock, in Rust",
+    license: "GPL",
+    // As `MODULE_DEVICE_TABLE(virtio, ...)` for VIRTIO_ID_VSOCK (19), for autoloading.
+    alias: ["virtio:d00000013v*"],
+}
+
+#[cfg(kernel_7_3)]
+module! {
+    type: VsockModule,
+    name: "virtio_vsock_rs",
+    authors: ["virtio_vsock_rs authors"],
     description: "virtio transport for vsock, in Rust",
     license: "GPL",
     // As `MODULE_DEVICE_TABLE(virtio, ...)` for VIRTIO_ID_VSOCK (19), for autoloading.
