@@ -3,13 +3,18 @@
 //! What the driver needs beyond the `kernel` crate's sync and workqueue APIs.
 //!
 //! An [`Arc`] published with RCU ([`RcuArc`]) and an owned workqueue
-//! ([`WorkQueue`]) with [`flush_work`], which no kernel has upstream yet; and,
-//! from the `kernel` crate on 7.3 or from [`crate::compat_6_12`] on 6.12, a
-//! mutex with `try_lock` ([`TryMutex`]), RCU read-side guards ([`rcu`]) and
-//! debugfs directories owning their data ([`debugfs`]).
+//! ([`WorkQueue`]) with [`flush_work`], which the `kernel` crate does not have
+//! yet; and, re-exported, a mutex with `try_lock` ([`TryMutex`]), RCU
+//! read-side guards ([`rcu`]) and debugfs directories owning their data
+//! ([`debugfs`]).
 //!
 //! C headers: [`include/linux/rcupdate.h`](srctree/include/linux/rcupdate.h),
 //! [`include/linux/workqueue.h`](srctree/include/linux/workqueue.h).
+//!
+//! # Kernels
+//!
+//! The re-exports come from the `kernel` crate on 7.3, and on 6.12 from
+//! [`crate::compat_6_12`], stand-ins of the same names and shapes.
 
 use core::{
     ops::Deref,

@@ -197,7 +197,9 @@ impl SkbQueue {
     pub(crate) fn new() -> impl PinInit<Self> {
         pin_init!(Self {
             // SAFETY: `slot` is valid for writes.
-            head <- Opaque::ffi_init(|slot| unsafe { bindings::vsock_rs_skb_queue_head_init(slot) }),
+            head <- Opaque::ffi_init(|slot| unsafe {
+                bindings::vsock_rs_skb_queue_head_init(slot)
+            }),
         })
     }
 

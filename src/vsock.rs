@@ -8,15 +8,20 @@
 //! `send_pkt`, `cancel_pkt`, ...) call a [`Transport`]. It lives in a
 //! `static`; [`Ops::register`] registers it with `vsock_core_register()`.
 //!
-//! From 7.3 on (`kernel_7_3`), the ops take the socket or its network
-//! namespace: the trampolines keep [`Transport`] the same on both kernels and,
-//! as the 7.3 C driver, serve only sockets of namespaces in global mode
-//! (`stream_allow`, `seqpacket_allow`), claim every remote CID
-//! (`has_remote_cid`), ignore the namespace of a sent packet and hand received
-//! ones to the common code without one.
+//! As the C driver, the transport serves only sockets of network namespaces
+//! in global mode (`stream_allow`, `seqpacket_allow`), claims every remote
+//! CID (`has_remote_cid`), ignores the namespace of a sent packet and hands
+//! received ones to the common code without one.
 //!
 //! C headers: [`include/net/af_vsock.h`](srctree/include/net/af_vsock.h),
 //! [`include/linux/virtio_vsock.h`](srctree/include/linux/virtio_vsock.h).
+//!
+//! # Kernels
+//!
+//! Network namespaces came to the transport ops in 7.3 (`kernel_7_3`): there
+//! they take the socket or its namespace. On 6.12 they take neither, and the
+//! common code's `virtio_transport_stream_allow()` is used. The trampolines
+//! keep [`Transport`] the same on both.
 
 use crate::{
     bindings,
