@@ -12,6 +12,7 @@ This tool writes the sources as one kernel sees them, with the switch gone:
   `src/compat_6_12.rs` exists for 6.12 only.
 - C: `#ifdef VSOCK_RS_KERNEL_7_3` / `#else` / `#endif` blocks.
 - Kbuild: the `ifeq ($(vsock_rs_kernel_7_3),y)` block and the test that sets it.
+- Docs: for 7.3, the `//! # Kernels` sections, which tell the kernels apart.
 
 It serves `make patches` (the series for a 7.3 tree has no 6.12 code) and
 counts `unsafe` blocks per kernel (--count-unsafe).
@@ -73,8 +74,30 @@ def item_end(lines, start, first):
         depth += depth_change(text)
 
 
+def drop_kernels_docs(lines):
+    """Drops the `//! # Kernels` doc sections, which tell the kernels apart."""
+    out = []
+    skipping = False
+    for line in lines:
+        s = line.strip()
+        if s == "//! # Kernels":
+            skipping = True
+            while out and out[-1].strip() == "//!":
+                out.pop()
+            continue
+        if skipping and (not s.startswith("//!") or s.startswith("//! #")):
+            skipping = False
+            if s.startswith("//! #"):
+                out.append(line[:len(line) - len(line.lstrip())] + "//!")
+        if not skipping:
+            out.append(line)
+    return out
+
+
 def resolve_rust(text, is_7_3):
     lines = text.split("\n")
+    if is_7_3:
+        lines = drop_kernels_docs(lines)
     out = []
     i = 0
     while i < len(lines):
@@ -138,7 +161,9 @@ def resolve_kbuild(text, is_7_3):
             state = None
             continue
         if state is None or (state == "then") == is_7_3:
-            out.append(line)
+            # Nothing tests the switch any more.
+            if "kernel_7_3" not in line and "VSOCK_RS_KERNEL_7_3" not in line:
+                out.append(line)
     # The comment on the switch goes with it.
     text = "\n".join(out)
     return re.sub(r"\n# The one build-time switch between the kernels[^\n]*(\n#[^\n]*)*\n",
