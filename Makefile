@@ -11,6 +11,8 @@
 #   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
 #   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: ratios, 95% CIs, noise
 #   make lint       rustfmt and clippy (kernel lints) on the module
+#   make faults     DRIVER=rust|c: hostile device and production paths
+#   make soak       DRIVER=rust: the same with 10^6 packets, 1000 reloads
 #   make check      every test the project has (what CI runs)
 #
 # Build artefacts go to $(VSOCK_RS_CACHE), default ~/.cache/virtio_vsock_rs.
@@ -32,7 +34,7 @@ MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
 .PHONY: lint run shell module modules extras all setup qemu kernel kernel-debug kernel-perf initramfs device \
-	vsock-tests vmtest vmtest-selftest bench check device-test clean help
+	vsock-tests vmtest vmtest-selftest faults soak bench check device-test clean help
 
 all: help
 
@@ -105,6 +107,13 @@ vmtest: initramfs device extras
 
 vmtest-selftest: initramfs device extras
 	@tools/vmtest.py --kernel $(FLAVOUR) --selftest
+
+# The fault suite (tools/faults.py); FAULTS_ARGS adds options, e.g.
+# FAULTS_ARGS='--only flood --json c.json'.
+FAULTS_ARGS ?=
+faults soak: initramfs device extras
+	@tools/faults.py --kernel $(FLAVOUR) --driver $(DRIVER) --peer $(PEER) \
+		$(if $(filter soak,$@),--soak) $(FAULTS_ARGS)
 
 # The benchmark (tools/bench.py) on the perf kernel: second configuration
 # over the first, beside a copy of the first (the noise floor). BENCH_ARGS
