@@ -14,7 +14,7 @@
 //! # Kernels
 //!
 //! The re-exports come from the `kernel` crate on 7.3, and on 6.12 from
-//! [`crate::compat_6_12`], stand-ins of the same names and shapes.
+//! `compat_6_12.rs`, stand-ins of the same names and shapes.
 
 use core::{
     ops::Deref,
