@@ -10,7 +10,10 @@
 #   make shell      one guest with the Rust driver, on this terminal
 #   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
 #   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: ratios, 95% CIs, noise
-#   make lint       rustfmt and clippy (kernel lints) on the module
+#   make lint       rustfmt, clippy (kernel lints) and rustdoc on the module
+#   make rustfmtcheck / make rustdoc: one part of make lint
+#   make patches    the driver as a checkpatch-clean series against Linux 7.3
+#   KERNEL=6.12|7.3 with any target: the guest kernel (default 6.12)
 #   make faults     DRIVER=rust|c: hostile device and production paths
 #   make soak       DRIVER=rust: the same with 10^6 packets, 1000 reloads
 #   make check      every test the project has (what CI runs)
@@ -20,20 +23,34 @@
 VSOCK_RS_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/virtio_vsock_rs
 export VSOCK_RS_CACHE
 FLAVOUR ?= debug
-KDIR ?= $(VSOCK_RS_CACHE)/kernel/$(FLAVOUR)
+# The guest kernel, 6.12 (default) or 7.3; tools/lib.sh says what each needs.
+# Exported: the scripts and the runners (--kernel-version) follow it.
+KERNEL ?= 6.12
+export KERNEL
+# From tools/lib.sh: LLVM= and the libclang of $(KERNEL)'s build, and the
+# cache name of a flavour (debug for 6.12, 7.3-debug for 7.3).
+KLLVM := $(shell KERNEL=$(KERNEL) bash -c '. tools/lib.sh && echo $$KLLVM')
+$(if $(KLLVM),,$(error unknown KERNEL=$(KERNEL): use 6.12 or 7.3))
+KLIBCLANG := $(shell KERNEL=$(KERNEL) bash -c '. tools/lib.sh && echo $$KLIBCLANG')
+kname = $(shell KERNEL=$(KERNEL) bash -c '. tools/lib.sh && kname $(1)')
+KNAME = $(call kname,$(FLAVOUR))
+KDIR ?= $(VSOCK_RS_CACHE)/kernel/$(KNAME)
 DRIVER ?= c
 PEER ?= $(DRIVER)
 CARGO_TARGET_DIR ?= $(VSOCK_RS_CACHE)/target
 export CARGO_TARGET_DIR
 VMTEST_ARGS ?=
-KMAKE = $(MAKE) -C $(KDIR) LLVM=1 RUSTC=/usr/bin/rustc \
-	BINDGEN=$(VSOCK_RS_CACHE)/cargo/bin/bindgen
+# $(call kmake,DIR): make in the kernel build directory DIR.
+kmake = $(if $(KLIBCLANG),LIBCLANG_PATH=$(KLIBCLANG)) $(MAKE) -C $(1) \
+	LLVM=$(KLLVM) RUSTC=/usr/bin/rustc BINDGEN=$(VSOCK_RS_CACHE)/cargo/bin/bindgen
+KMAKE = $(call kmake,$(KDIR))
 # The module is built in a copy per kernel flavour, so the clone stays clean.
-MODDIR = $(VSOCK_RS_CACHE)/module/$(FLAVOUR)
+MODDIR = $(VSOCK_RS_CACHE)/module/$(KNAME)
 MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
+LINTDIR = $(VSOCK_RS_CACHE)/module/lint-$(KERNEL)
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
-.PHONY: lint run shell module modules extras all setup qemu kernel kernel-debug kernel-perf initramfs device \
+.PHONY: lint rustfmtcheck rustdoc patches run shell module modules extras all setup qemu kernel kernel-debug kernel-perf initramfs device \
 	vsock-tests vmtest vmtest-selftest faults soak bench check device-test clean help
 
 all: help
@@ -73,16 +90,27 @@ module modules: kernel-$(FLAVOUR)
 # (CLIPPY=1), in a build directory of its own.
 lint: kernel-debug
 	@rustfmt --check --edition 2021 --config-path .rustfmt.toml src/virtio_vsock_rs.rs
-	@rm -rf $(VSOCK_RS_CACHE)/module/lint && mkdir -p $(VSOCK_RS_CACHE)/module/lint
-	@cp -r Kbuild Kconfig src $(VSOCK_RS_CACHE)/module/lint/
-	@rm -f $(VSOCK_RS_CACHE)/module/lint/src/bindings_generated.rs
-	@$(MAKE) -C $(VSOCK_RS_CACHE)/kernel/debug LLVM=1 RUSTC=/usr/bin/rustc \
-		BINDGEN=$(VSOCK_RS_CACHE)/cargo/bin/bindgen CLIPPY=1 \
-		CLIPPY_DRIVER=/usr/bin/clippy-driver KCFLAGS=-Werror \
-		M=$(VSOCK_RS_CACHE)/module/lint CONFIG_VIRTIO_VSOCKETS_RUST=m \
-		modules 2>&1 | tee $(VSOCK_RS_CACHE)/module/lint.log | grep -v '^make'
-	@! grep -qE '^(warning|error)' $(VSOCK_RS_CACHE)/module/lint.log
-	@echo "lint: rustfmt and clippy clean"
+	@rm -rf $(LINTDIR) && mkdir -p $(LINTDIR)
+	@cp -r Kbuild Kconfig src $(LINTDIR)/
+	@rm -f $(LINTDIR)/src/bindings_generated.rs
+	@$(call kmake,$(VSOCK_RS_CACHE)/kernel/$(call kname,debug)) \
+		CLIPPY=1 CLIPPY_DRIVER=/usr/bin/clippy-driver KCFLAGS=-Werror \
+		M=$(LINTDIR) CONFIG_VIRTIO_VSOCKETS_RUST=m \
+		modules 2>&1 | tee $(LINTDIR).log | grep -v '^make'
+	@! grep -qE '^(warning|error)' $(LINTDIR).log
+	@tools/rustdoc.sh $(VSOCK_RS_CACHE)/kernel/$(call kname,debug) $(LINTDIR)
+	@echo "lint: rustfmt, clippy and rustdoc clean on $(KERNEL)"
+
+rustfmtcheck:
+	@rustfmt --check --edition 2021 --config-path .rustfmt.toml src/virtio_vsock_rs.rs
+	@echo "rustfmt clean"
+
+rustdoc: lint
+
+# The series against 7.3 (in $(VSOCK_RS_CACHE)/patches/series), checked.
+patches:
+	@$(MAKE) --no-print-directory setup KERNEL=7.3
+	@tools/patches.sh
 
 extras: $(if $(NEED_RUST),module) vsock-tests
 	@tools/build-extras.sh $(FLAVOUR) $(if $(NEED_RUST),$(MODULE_KO))
