@@ -3,8 +3,9 @@
 # Run every test the project has and sum them up in one closing line:
 # unit tests of the device, the protocol layer, the samples and the bench's
 # statistics, a bounded fuzz run of the rx header validation, the runner's
-# self-test, and the VM suites on the debug kernel: C/C (the baseline),
-# Rust/C and Rust/Rust.
+# self-test, and the VM suites on the debug kernels: on 6.12, C/C (the
+# baseline), Rust/C, Rust/Rust and the reload test; on 7.3, the lint, Rust/C
+# and C/C. CHECK_KERNELS="6.12" (or "7.3") runs one kernel's part only.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$TOP"
@@ -49,20 +50,34 @@ step() {
 	count "$name" "$rc" >>"$log/summary"
 }
 
-make --no-print-directory setup kernel-debug initramfs device extras FLAVOUR=debug DRIVER=rust ||
-	die "building the test bed failed: see the messages above"
+kernels=${CHECK_KERNELS:-6.12 7.3}
+for k in $kernels; do
+	make --no-print-directory setup kernel-debug initramfs device extras \
+		KERNEL="$k" FLAVOUR=debug DRIVER=rust ||
+		die "building the $k test bed failed: see the messages above"
+done
+has() { [[ " $kernels " == *" $1 "* ]]; }
 
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
 step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml
 step samples-unit cargo test --locked --manifest-path samples/Cargo.toml
 step bench-unit python3 tools/bench_test.py
-step module-lint make --no-print-directory lint
+if has 6.12; then step module-lint make --no-print-directory lint KERNEL=6.12; fi
+if has 7.3; then step module-lint-7.3 make --no-print-directory lint KERNEL=7.3; fi
 step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
-step runner-selftest tools/vmtest.py --kernel debug --selftest
-step vmtest-c-c tools/vmtest.py --kernel debug --driver c --peer c
-step vmtest-rust-c tools/vmtest.py --kernel debug --driver rust --peer c
-step vmtest-rust-rust tools/vmtest.py --kernel debug --driver rust --peer rust
-step vmtest-reload tools/vmtest.py --kernel debug --reload 20 --peer c
+if has 6.12; then
+	vt=(tools/vmtest.py --kernel debug --kernel-version 6.12)
+	step runner-selftest "${vt[@]}" --selftest
+	step vmtest-c-c "${vt[@]}" --driver c --peer c
+	step vmtest-rust-c "${vt[@]}" --driver rust --peer c
+	step vmtest-rust-rust "${vt[@]}" --driver rust --peer rust
+	step vmtest-reload "${vt[@]}" --reload 20 --peer c
+fi
+if has 7.3; then
+	vt=(tools/vmtest.py --kernel debug --kernel-version 7.3)
+	step vmtest-7.3-rust-c "${vt[@]}" --driver rust --peer c
+	step vmtest-7.3-c-c "${vt[@]}" --driver c --peer c
+fi
 
 echo
 cat "$log/summary"
