@@ -74,3 +74,6 @@ void vsock_rs_mutex_lock(struct mutex *lock);
 
 /* vsock */
 void vsock_rs_reset_sock(struct sock *sk);
+#ifdef VSOCK_RS_KERNEL_7_3
+bool vsock_rs_net_mode_global(struct vsock_sock *vsk);
+#endif

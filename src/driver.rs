@@ -13,7 +13,7 @@
 #![deny(unsafe_code)]
 
 use crate::{
-    kext::{flush_work, new_try_mutex, DebugfsDir, RcuArc, TryMutex, WorkQueue},
+    kext::{debugfs, flush_work, new_try_mutex, RcuArc, TryMutex, WorkQueue},
     protocol::{self as proto, Counter, Event},
     skb::{Gfp, SkBuff, SkbQueue},
     virtio::{self, AddOutError, Device, SgTable, Virtqueue},
@@ -95,6 +95,9 @@ struct TxState {
 
 type EventBuf = KBox<[u8; proto::EVENT_SIZE]>;
 
+/// The debugfs directory of a device, which owns a reference to its counters.
+type DebugfsDir = Pin<KBox<debugfs::Scope<Arc<Stats>>>>;
+
 /// The state of one virtio socket device (`struct virtio_vsock`).
 #[pin_data]
 pub(crate) struct Vsock {
@@ -115,7 +118,7 @@ pub(crate) struct Vsock {
     #[pin]
     send_pkt_queue: SkbQueue,
     #[pin]
-    debugfs: Mutex<Option<DebugfsDir<Stats>>>,
+    debugfs: Mutex<Option<DebugfsDir>>,
     #[pin]
     sysfs: Mutex<Option<virtio::U64Group<Stats>>>,
     #[pin]
@@ -724,16 +727,25 @@ impl Vsock {
     }
 
     /// Creates `/sys/kernel/debug/virtio_vsock_rs/`: `guest_cid` and one file per counter.
-    fn debugfs_dir(&self) -> Result<DebugfsDir<Stats>> {
-        let dir = DebugfsDir::new(c_str!("virtio_vsock_rs"), self.stats.clone());
-        dir.add_u32(c_str!("guest_cid"), |s| &s.guest_cid);
-        dir.add_u32(c_str!("rx_buf_size"), |s| &s.rx_buf_size);
-        dir.add_u64(c_str!("rx_mem_max_bytes"), |s| &s.rx_mem_max);
-        for counter in Counter::iter() {
-            let name = CString::try_from_fmt(fmt!("{}", counter.name()))?;
-            dir.add_u64(&name, |s| &s.counters[counter.index()]);
-        }
-        Ok(dir)
+    ///
+    /// A counter whose file name cannot be allocated has no file.
+    fn debugfs_dir(&self) -> Result<DebugfsDir> {
+        let scope = debugfs::Scope::dir(
+            self.stats.clone(),
+            c_str!("virtio_vsock_rs"),
+            |stats, dir| {
+                dir.read_only_file(c_str!("guest_cid"), &stats.guest_cid);
+                dir.read_only_file(c_str!("rx_buf_size"), &stats.rx_buf_size);
+                dir.read_only_file(c_str!("rx_mem_max_bytes"), &stats.rx_mem_max);
+                for counter in Counter::iter() {
+                    let name = CString::try_from_fmt(fmt!("{}", counter.name()));
+                    if let (Some(value), Ok(name)) = (stats.counters.get(counter.index()), name) {
+                        dir.read_only_file(&name, value);
+                    }
+                }
+            },
+        );
+        KBox::pin_init::<Error>(scope, GFP_KERNEL)
     }
 }
 

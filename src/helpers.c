@@ -205,6 +205,14 @@ void vsock_rs_reset_sock(struct sock *sk)
 	sk_error_report(sk);
 }
 
+#ifdef VSOCK_RS_KERNEL_7_3
+/* Whether vsk's network namespace is in global vsock mode (7.3's netns). */
+bool vsock_rs_net_mode_global(struct vsock_sock *vsk)
+{
+	return vsock_net_mode_global(vsk);
+}
+#endif
+
 /* Keeps the module of vdev's driver loaded for good (a leaked device). */
 void vsock_rs_pin_driver_module(struct virtio_device *vdev)
 {

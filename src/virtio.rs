@@ -440,6 +440,15 @@ pub(crate) enum AddOutError {
     TooManyFrags(SkBuff),
 }
 
+/// Adds one device-writable buffer: `virtqueue_add_inbuf()`, and from 7.3 on
+/// `virtqueue_add_inbuf_cache_clean()`, as the C driver adds its event
+/// buffers: the CPU leaves the buffer's cache lines clean while the device
+/// owns it.
+#[cfg(not(kernel_7_3))]
+use bindings::virtqueue_add_inbuf as add_inbuf_raw;
+#[cfg(kernel_7_3)]
+use bindings::virtqueue_add_inbuf_cache_clean as add_inbuf_raw;
+
 impl<const N: usize> Virtqueue<KBox<[u8; N]>> {
     /// Posts `buf` for the device to write (`virtqueue_add_inbuf()`).
     pub(crate) fn add_inbuf(
@@ -453,8 +462,17 @@ impl<const N: usize> Virtqueue<KBox<[u8; N]>> {
         let sg = Opaque::<bindings::scatterlist>::uninit();
         // SAFETY: `sg` is valid for writes; `buf` has `N` bytes.
         unsafe { bindings::sg_init_one(sg.get(), buf.as_mut_ptr().cast(), len) };
-        // SAFETY: The scatterlist describes memory owned by `buf`; a `KBox` does not move it.
-        unsafe { self.add_sgs(&mut [sg.get()], 0, buf, gfp) }
+        // SAFETY: The queue is live; the scatterlist describes memory owned by `buf`, which a
+        // `KBox` does not move and the queue owns from now on if this succeeds. Nothing else
+        // writes it meanwhile, and kmalloc keeps other objects out of its cache lines where DMA
+        // is not coherent, as `virtqueue_add_inbuf_cache_clean()` needs.
+        let ret =
+            unsafe { add_inbuf_raw(self.as_ptr(), sg.get(), 1, buf.token_ptr(), gfp.as_raw()) };
+        if ret < 0 {
+            return Err(buf);
+        }
+        let _ = buf.into_ptr();
+        Ok(())
     }
 }
 

@@ -34,10 +34,31 @@
 //! `rx_dropped_<reason>`, ...: one per [`protocol::Counter`]), present while
 //! a device is active. Like the C driver, only one device is driven at a
 //! time; a second one fails to probe with `-EBUSY`.
+//!
+//! # Kernels
+//!
+//! The module builds on Linux 6.12 and 7.3. `Kbuild` passes `--cfg kernel_7_3`
+//! (and `-DVSOCK_RS_KERNEL_7_3` to C) from 7.3 on; only the abstraction layer
+//! tests it:
+//!
+//! - [`kext`]: 7.3's `kernel` crate has a mutex with `try_lock`, RCU guards
+//!   and debugfs scopes; `compat_6_12.rs` has stand-ins of the same names and
+//!   shapes for 6.12. The module's workqueue gets `WQ_PERCPU` on 7.3.
+//! - [`vsock`]: 7.3's transport ops take the socket (`stream_allow`,
+//!   `seqpacket_allow`, `has_remote_cid`) or its namespace (`send_pkt`,
+//!   `virtio_transport_recv_pkt()`); the trampolines keep [`vsock::Transport`]
+//!   the same on both.
+//! - [`virtio`]: event buffers go in with `virtqueue_add_inbuf_cache_clean()`
+//!   on 7.3, as in the C driver.
+//!
+//! `tools/kcfg.py` writes the sources as one kernel sees them (for the 7.3
+//! patch series) and counts the `unsafe` blocks of each.
 
 #![recursion_limit = "256"]
 
 mod bindings;
+#[cfg(not(kernel_7_3))]
+mod compat_6_12;
 mod driver;
 mod kext;
 pub mod protocol;

@@ -8,6 +8,13 @@
 //! `send_pkt`, `cancel_pkt`, ...) call a [`Transport`]. It lives in a
 //! `static`; [`Ops::register`] registers it with `vsock_core_register()`.
 //!
+//! From 7.3 on (`kernel_7_3`), the ops take the socket or its network
+//! namespace: the trampolines keep [`Transport`] the same on both kernels and,
+//! as the 7.3 C driver, serve only sockets of namespaces in global mode
+//! (`stream_allow`, `seqpacket_allow`), claim every remote CID
+//! (`has_remote_cid`), ignore the namespace of a sent packet and hand received
+//! ones to the common code without one.
+//!
 //! C headers: [`include/net/af_vsock.h`](srctree/include/net/af_vsock.h),
 //! [`include/linux/virtio_vsock.h`](srctree/include/linux/virtio_vsock.h).
 
@@ -32,8 +39,27 @@ use kernel::{
 pub(crate) struct VsockSock(Opaque<bindings::vsock_sock>);
 
 impl VsockSock {
+    /// Returns a reference to the socket at `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must point to a valid `vsock_sock` that stays valid for `'a`.
+    unsafe fn from_raw<'a>(ptr: *mut bindings::vsock_sock) -> &'a Self {
+        // CAST: `VsockSock` is a transparent wrapper of `vsock_sock`.
+        // SAFETY: By the safety requirements the pointer is valid for `'a`.
+        unsafe { &*ptr.cast::<Self>() }
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut bindings::vsock_sock {
         self.0.get()
+    }
+
+    /// Returns whether the socket's network namespace is in global vsock mode
+    /// (`vsock_net_mode_global()`): the only mode a virtio transport serves.
+    #[cfg(kernel_7_3)]
+    fn net_mode_global(&self) -> bool {
+        // SAFETY: By the type invariant the socket is valid.
+        unsafe { bindings::vsock_rs_net_mode_global(self.as_ptr()) }
     }
 }
 
@@ -80,6 +106,15 @@ impl<T: Transport> Ops<T> {
         t.cancel_pkt = Some(cancel_pkt::<T>);
         t.seqpacket_allow = Some(seqpacket_allow::<T>);
         t.msgzerocopy_allow = Some(msgzerocopy_allow::<T>);
+        #[cfg(not(kernel_7_3))]
+        {
+            t.stream_allow = Some(bindings::virtio_transport_stream_allow);
+        }
+        #[cfg(kernel_7_3)]
+        {
+            t.stream_allow = Some(stream_allow);
+            t.has_remote_cid = Some(has_remote_cid);
+        }
         common_ops!(
             t,
             init = virtio_transport_do_socket_init,
@@ -97,7 +132,6 @@ impl<T: Transport> Ops<T> {
             stream_has_space = virtio_transport_stream_has_space,
             stream_rcvhiwat = virtio_transport_stream_rcvhiwat,
             stream_is_active = virtio_transport_stream_is_active,
-            stream_allow = virtio_transport_stream_allow,
             seqpacket_dequeue = virtio_transport_seqpacket_dequeue,
             seqpacket_enqueue = virtio_transport_seqpacket_enqueue,
             seqpacket_has_data = virtio_transport_seqpacket_has_data,
@@ -146,7 +180,20 @@ impl<T: Transport> Ops<T> {
     /// Hands a received packet to the common code (`virtio_transport_recv_pkt()`).
     pub(crate) fn recv_pkt(&self, skb: SkBuff) {
         // SAFETY: The table is valid; the common code takes ownership of `skb`.
-        unsafe { bindings::virtio_transport_recv_pkt(self.as_ptr(), skb.into_raw()) };
+        #[cfg(not(kernel_7_3))]
+        unsafe {
+            bindings::virtio_transport_recv_pkt(self.as_ptr(), skb.into_raw())
+        };
+        // SAFETY: The table is valid; the common code takes ownership of `skb`. A null
+        // namespace means global mode, as in C.
+        #[cfg(kernel_7_3)]
+        unsafe {
+            bindings::virtio_transport_recv_pkt(
+                self.as_ptr(),
+                skb.into_raw(),
+                core::ptr::null_mut(),
+            )
+        };
     }
 
     /// Resets every connected socket of this transport, as the C driver's
@@ -194,10 +241,16 @@ extern "C" fn get_local_cid<T: Transport>() -> u32 {
     T::get_local_cid()
 }
 
+/// Sends `skb`. From 7.3 on, the common code passes the namespace of the
+/// socket, which a virtio transport does not use (as in C).
+///
 /// # Safety
 ///
 /// `skb` must be a valid virtio vsock buffer owned by the caller, who hands it over.
-unsafe extern "C" fn send_pkt<T: Transport>(skb: *mut bindings::sk_buff) -> i32 {
+unsafe extern "C" fn send_pkt<T: Transport>(
+    skb: *mut bindings::sk_buff,
+    #[cfg(kernel_7_3)] _net: *mut bindings::net,
+) -> i32 {
     // SAFETY: By the safety requirements.
     let Some(skb) = (unsafe { SkBuff::from_raw(skb) }) else {
         return EINVAL.to_errno();
@@ -209,9 +262,8 @@ unsafe extern "C" fn send_pkt<T: Transport>(skb: *mut bindings::sk_buff) -> i32 
 ///
 /// `vsk` must be a valid socket.
 unsafe extern "C" fn cancel_pkt<T: Transport>(vsk: *mut bindings::vsock_sock) -> i32 {
-    // CAST: `VsockSock` is a transparent wrapper of `vsock_sock`.
     // SAFETY: By the safety requirements `vsk` is valid for the call.
-    let vsk = unsafe { &*vsk.cast::<VsockSock>() };
+    let vsk = unsafe { VsockSock::from_raw(vsk) };
     from_result(|| {
         T::cancel_pkt(vsk)?;
         Ok(0)
@@ -222,8 +274,39 @@ extern "C" fn can_msgzerocopy<T: Transport>(bufs_num: i32) -> bool {
     T::can_msgzerocopy(bufs_num)
 }
 
-extern "C" fn seqpacket_allow<T: Transport>(remote_cid: u32) -> bool {
+/// From 7.3 on, only sockets of namespaces in global mode may use
+/// `SOCK_SEQPACKET` (as in C).
+///
+/// # Safety
+///
+/// From 7.3 on, `vsk` must be a valid socket.
+unsafe extern "C" fn seqpacket_allow<T: Transport>(
+    #[cfg(kernel_7_3)] vsk: *mut bindings::vsock_sock,
+    remote_cid: u32,
+) -> bool {
+    // SAFETY: By the safety requirements `vsk` is valid for the call.
+    #[cfg(kernel_7_3)]
+    if !unsafe { VsockSock::from_raw(vsk) }.net_mode_global() {
+        return false;
+    }
     T::seqpacket_allow(remote_cid)
+}
+
+/// `virtio_transport_stream_allow()`, which 7.3 moved into the C driver.
+///
+/// # Safety
+///
+/// `vsk` must be a valid socket.
+#[cfg(kernel_7_3)]
+unsafe extern "C" fn stream_allow(vsk: *mut bindings::vsock_sock, _cid: u32, _port: u32) -> bool {
+    // SAFETY: By the safety requirements `vsk` is valid for the call.
+    unsafe { VsockSock::from_raw(vsk) }.net_mode_global()
+}
+
+/// The host may implement any CID: always assume it does (as the C driver).
+#[cfg(kernel_7_3)]
+extern "C" fn has_remote_cid(_vsk: *mut bindings::vsock_sock, _cid: u32) -> bool {
+    true
 }
 
 extern "C" fn msgzerocopy_allow<T: Transport>() -> bool {

@@ -24,6 +24,7 @@ The last line printed is "N passed, N failed, N skipped".
 """
 
 import argparse
+import fcntl
 import json
 import os
 import queue
@@ -527,6 +528,34 @@ class Guest:
             self.qmp_conn = None
 
 
+class BedLock:
+    """One process with test beds at a time on this machine.
+
+    Two beds at once on 2 cores (4 TCG vCPUs each, plus a debug kernel) only
+    slow each other until boots time out; a second run waits here instead.
+    The first bed a process starts takes the lock, which the process holds
+    until it exits, so that a suite's reboots are not interleaved with
+    another run. VSOCK_RS_PARALLEL_BEDS=1 turns the lock off.
+    """
+
+    def __init__(self):
+        self.f = None
+
+    def acquire(self):
+        if self.f or os.environ.get("VSOCK_RS_PARALLEL_BEDS") == "1":
+            return
+        os.makedirs(CACHE, exist_ok=True)
+        self.f = open(os.path.join(CACHE, "bed.lock"), "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log("   waiting for another test bed on this machine to finish")
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+
+
+BED_LOCK = BedLock()
+
+
 class Bed:
     """The device process and the two sibling guests."""
 
@@ -538,6 +567,7 @@ class Bed:
 
     def start(self, drivers):
         a = self.args
+        BED_LOCK.acquire()
         socks = {}
         vms = []
         for cid in (3, 4):
