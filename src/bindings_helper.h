@@ -28,6 +28,7 @@ const u32 VSOCK_RS_CONST_VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE =
 	VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE;
 const u32 VSOCK_RS_CONST_VIRTIO_VSOCK_SKB_HEADROOM = VIRTIO_VSOCK_SKB_HEADROOM;
 const u32 VSOCK_RS_CONST_MAX_SKB_FRAGS = MAX_SKB_FRAGS;
+const u32 VSOCK_RS_CONST_PAGE_SIZE = PAGE_SIZE;
 const u32 VSOCK_RS_CONST_VIRTIO_DEV_ANY_ID = VIRTIO_DEV_ANY_ID;
 
 /* virtio */
@@ -47,11 +48,12 @@ struct virtio_device *vsock_rs_dev_to_virtio(struct device *dev);
 
 /* sk_buff */
 void vsock_rs_kfree_skb(struct sk_buff *skb);
-struct sk_buff *vsock_rs_alloc_linear_skb(unsigned int size, gfp_t mask);
+struct sk_buff *vsock_rs_alloc_rx_skb(unsigned int linear, unsigned int frags,
+				      gfp_t mask);
+int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len);
+unsigned int vsock_rs_rx_buf_size_param(void);
 struct virtio_vsock_hdr *vsock_rs_skb_hdr(struct sk_buff *skb);
-size_t vsock_rs_skb_buf_len(struct sk_buff *skb);
 unsigned int vsock_rs_skb_tailroom(struct sk_buff *skb);
-void vsock_rs_skb_put(struct sk_buff *skb, u32 len);
 bool vsock_rs_skb_reply(struct sk_buff *skb);
 bool vsock_rs_skb_is_nonlinear(struct sk_buff *skb);
 unsigned int vsock_rs_skb_headroom(struct sk_buff *skb);

@@ -64,6 +64,10 @@ const SEND_PKT_WORK: u64 = 3;
 pub(crate) struct Stats {
     guest_cid: AtomicU32,
     counters: [AtomicU64; Counter::COUNT],
+    /// Payload bytes of one rx buffer.
+    rx_buf_size: AtomicU32,
+    /// The most memory the posted rx buffers take, in bytes.
+    rx_mem_max: AtomicU64,
 }
 
 impl Stats {
@@ -80,8 +84,11 @@ impl Stats {
 
 struct RxState {
     vq: Virtqueue<SkBuff>,
+    sg: KBox<SgTable>,
     buf_nr: u32,
     buf_max_nr: u32,
+    /// Most buffers posted at once: the memory bound of [`proto::RxLayout::max_bufs`].
+    bufs_limit: u32,
 }
 
 struct TxState {
@@ -104,7 +111,7 @@ pub(crate) struct Vsock {
     queued_replies: AtomicI32,
     rx_vring_size: AtomicU32,
     tx_num_max: AtomicU32,
-    rx_buf_size: u32,
+    rx_layout: proto::RxLayout,
     #[pin]
     tx: TryMutex<Option<TxState>>,
     #[pin]
@@ -216,16 +223,17 @@ impl Vsock {
         true
     }
 
-    /// Posts rx buffers until the queue is full (`virtio_vsock_rx_fill()`).
+    /// Posts rx buffers until the queue is full or holds as many as the
+    /// memory bound allows (`virtio_vsock_rx_fill()`).
     fn rx_fill(&self, rx: &mut RxState) {
-        loop {
-            let Some(skb) = SkBuff::alloc_rx(self.rx_buf_size, Gfp::Kernel) else {
+        while rx.buf_nr < rx.bufs_limit {
+            let Some(skb) = SkBuff::alloc_rx(self.rx_layout, Gfp::Kernel) else {
                 self.stats.inc(Counter::RxRefillFailures);
                 break;
             };
             if rx
                 .vq
-                .add_skb_in(skb, self.rx_buf_size, Gfp::Kernel)
+                .add_skb_in(skb, self.rx_layout.linear, &mut rx.sg, Gfp::Kernel)
                 .is_err()
             {
                 self.stats.inc(Counter::RxRefillFailures);
@@ -246,7 +254,7 @@ impl Vsock {
         let validate = |skb: &SkBuff| {
             proto::validate_rx(
                 used_len,
-                self.rx_buf_size,
+                self.rx_layout.capacity(),
                 skb.hdr(),
                 self.guest_cid(),
                 self.features,
@@ -264,7 +272,10 @@ impl Vsock {
             Err(reason) => return self.rx_rejected(skb, reason),
         };
         // Cannot fail: `validate_rx` checked the payload fits in the buffer.
-        if skb.put(hdr.payload_len()).is_err() {
+        if skb
+            .rx_put(self.rx_layout.linear, hdr.payload_len())
+            .is_err()
+        {
             self.stats
                 .inc(Counter::RxDropped(proto::DropReason::PayloadTooLong));
             return;
@@ -290,7 +301,7 @@ impl Vsock {
             _ => proto::Hdr::parse(skb.hdr()).map(|h| h.len),
         };
         match payload {
-            Some(len) if skb.put(len).is_ok() => (),
+            Some(len) if skb.rx_put(self.rx_layout.linear, len).is_ok() => (),
             _ => skb.clear_hdr_len(),
         }
         vsock::deliver_tap(&skb);
@@ -553,9 +564,13 @@ impl virtio::Driver for Vsock {
             Stats {
                 guest_cid: AtomicU32::new(proto::VMADDR_CID_ANY),
                 counters: [const { AtomicU64::new(0) }; Counter::COUNT],
+                rx_buf_size: AtomicU32::new(0),
+                rx_mem_max: AtomicU64::new(0),
             },
             GFP_KERNEL,
         )?;
+        let rx_layout = rx_layout_from_param(crate::skb::rx_buf_size_param());
+        stats.rx_buf_size.store(rx_layout.payload(), Relaxed);
         Arc::pin_init(
             pin_init!(Self {
                 stats,
@@ -564,7 +579,7 @@ impl virtio::Driver for Vsock {
                 queued_replies: AtomicI32::new(0),
                 rx_vring_size: AtomicU32::new(0),
                 tx_num_max: AtomicU32::new(0),
-                rx_buf_size: crate::skb::RX_BUF_SIZE,
+                rx_layout,
                 tx <- new_try_mutex!(None, "Vsock::tx"),
                 rx <- new_mutex!(None, "Vsock::rx"),
                 event <- new_mutex!(None, "Vsock::event"),
@@ -634,6 +649,7 @@ impl Vsock {
     fn start_claimed(self: &Arc<Self>, dev: &Device<Self>) -> Result {
         self.queued_replies.store(0, Relaxed);
         let sg = SgTable::new()?;
+        let rx_sg = SgTable::new()?;
         let mut events = KVec::with_capacity(proto::EVENT_BUFS, GFP_KERNEL)?;
         for _ in 0..proto::EVENT_BUFS {
             events.push(KBox::new([0u8; proto::EVENT_SIZE], GFP_KERNEL)?, GFP_KERNEL)?;
@@ -657,10 +673,17 @@ impl Vsock {
         *self.tx.lock() = Some(TxState { vq: tx, sg });
         {
             let mut rx_guard = self.rx.lock();
+            let bufs_limit = self.rx_layout.max_bufs(rx.vring_size());
+            let mem_max = u64::from(bufs_limit)
+                * u64::from(self.rx_layout.pages_used())
+                * u64::from(crate::skb::PAGE_SIZE);
+            self.stats.rx_mem_max.store(mem_max, Relaxed);
             let rx = rx_guard.insert(RxState {
                 vq: rx,
+                sg: rx_sg,
                 buf_nr: 0,
                 buf_max_nr: 0,
+                bufs_limit,
             });
             self.rx_fill(rx);
         }
@@ -683,24 +706,25 @@ impl Vsock {
     /// Creates `/sys/bus/virtio/devices/virtioN/vsock_rs/`: one file per
     /// counter, then `guest_cid`, the stable interface for monitoring.
     fn sysfs_group(&self, dev: &Device<Self>) -> Result<virtio::U64Group<Stats>> {
-        let mut files = KVec::with_capacity(Counter::COUNT + 1, GFP_KERNEL)?;
+        let mut files = KVec::with_capacity(Counter::COUNT + 3, GFP_KERNEL)?;
         for counter in Counter::iter() {
             files.push(
                 CString::try_from_fmt(format_args!("{}", counter.name()))?,
                 GFP_KERNEL,
             )?;
         }
-        files.push(
-            CString::try_from_fmt(format_args!("guest_cid"))?,
-            GFP_KERNEL,
-        )?;
+        for name in ["guest_cid", "rx_buf_size", "rx_mem_max_bytes"] {
+            files.push(CString::try_from_fmt(format_args!("{name}"))?, GFP_KERNEL)?;
+        }
         dev.add_u64_group(
             c_str!("vsock_rs"),
             self.stats.clone(),
             files,
-            |stats, index| match stats.counters.get(index) {
-                Some(counter) => counter.load(Relaxed),
-                None => stats.guest_cid.load(Relaxed).into(),
+            |stats, index| match index.checked_sub(Counter::COUNT) {
+                None => stats.counters.get(index).map_or(0, |c| c.load(Relaxed)),
+                Some(0) => stats.guest_cid.load(Relaxed).into(),
+                Some(1) => stats.rx_buf_size.load(Relaxed).into(),
+                Some(_) => stats.rx_mem_max.load(Relaxed),
             },
         )
     }
@@ -714,6 +738,8 @@ impl Vsock {
             c_str!("virtio_vsock_rs"),
             |stats, dir| {
                 dir.read_only_file(c_str!("guest_cid"), &stats.guest_cid);
+                dir.read_only_file(c_str!("rx_buf_size"), &stats.rx_buf_size);
+                dir.read_only_file(c_str!("rx_mem_max_bytes"), &stats.rx_mem_max);
                 for counter in Counter::iter() {
                     let name = CString::try_from_fmt(format_args!("{}", counter.name()));
                     if let (Some(value), Ok(name)) = (stats.counters.get(counter.index()), name) {
@@ -724,6 +750,21 @@ impl Vsock {
         );
         KBox::pin_init::<Infallible>(scope, GFP_KERNEL)
     }
+}
+
+/// Lays out rx buffers for the module parameter `rx_buf_size`, saying what
+/// is used instead of a value out of range.
+fn rx_layout_from_param(requested: u32) -> proto::RxLayout {
+    let layout = proto::RxLayout::new(requested, crate::skb::RX_BUF_SIZE, crate::skb::PAGE_SIZE);
+    if layout.payload() != requested {
+        pr_warn!(
+            "rx_buf_size={requested} is out of range {}..={}: using {}\n",
+            layout.linear,
+            proto::MAX_PKT_BUF_SIZE,
+            layout.payload()
+        );
+    }
+    layout
 }
 
 /// The module: creates the workqueue, registers the transport, then the virtio driver.

@@ -55,9 +55,58 @@ void vsock_rs_kfree_skb(struct sk_buff *skb)
 	kfree_skb(skb);
 }
 
-struct sk_buff *vsock_rs_alloc_linear_skb(unsigned int size, gfp_t mask)
+/*
+ * An rx buffer: a linear part of linear bytes (header included), as
+ * virtio_vsock_alloc_linear_skb(), then frags bytes in order-0 pages hung as
+ * fragments (alloc_skb_with_frags() with order 0 sets neither len nor
+ * data_len: vsock_rs_skb_rx_put() does once the device has written).
+ */
+struct sk_buff *vsock_rs_alloc_rx_skb(unsigned int linear, unsigned int frags,
+				      gfp_t mask)
 {
-	return virtio_vsock_alloc_linear_skb(size, mask);
+	struct sk_buff *skb;
+	int err;
+
+	skb = alloc_skb_with_frags(linear, frags, 0, &err, mask);
+	if (!skb)
+		return NULL;
+	skb_reserve(skb, VIRTIO_VSOCK_SKB_HEADROOM);
+	return skb;
+}
+
+/*
+ * The device wrote len payload bytes after the header, into the linear
+ * room of linear bytes (as posted) and then the fragments: make them the
+ * skb's data and free the fragments past them, so that a payload that fits
+ * the linear room leaves a linear skb (the common code coalesces only
+ * those).
+ */
+int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len)
+{
+	struct skb_shared_info *shinfo = skb_shinfo(skb);
+	u32 frags = 0;
+	int i;
+
+	for (i = 0; i < shinfo->nr_frags; i++)
+		frags += skb_frag_size(&shinfo->frags[i]);
+	if (skb->len || skb->data_len || linear > skb_tailroom(skb) ||
+	    len > linear + frags)
+		return -EINVAL;
+	skb_put(skb, linear);
+	skb->data_len = frags;
+	skb->len += frags;
+	return pskb_trim(skb, len);
+}
+
+/* The rx buffer payload size, a module parameter (see RxLayout). */
+static unsigned int rx_buf_size = 65536;
+module_param(rx_buf_size, uint, 0444);
+MODULE_PARM_DESC(rx_buf_size,
+		 "Payload bytes per rx buffer, 3732 (one page, as the C driver) to 65536: the first page is linear, the rest order-0 page fragments");
+
+unsigned int vsock_rs_rx_buf_size_param(void)
+{
+	return rx_buf_size;
 }
 
 struct virtio_vsock_hdr *vsock_rs_skb_hdr(struct sk_buff *skb)
@@ -65,19 +114,9 @@ struct virtio_vsock_hdr *vsock_rs_skb_hdr(struct sk_buff *skb)
 	return virtio_vsock_hdr(skb);
 }
 
-size_t vsock_rs_skb_buf_len(struct sk_buff *skb)
-{
-	return virtio_vsock_skb_len(skb);
-}
-
 unsigned int vsock_rs_skb_tailroom(struct sk_buff *skb)
 {
 	return skb_tailroom(skb);
-}
-
-void vsock_rs_skb_put(struct sk_buff *skb, u32 len)
-{
-	virtio_vsock_skb_put(skb, len);
 }
 
 bool vsock_rs_skb_reply(struct sk_buff *skb)

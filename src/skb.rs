@@ -10,9 +10,13 @@
 //! C headers: [`include/linux/skbuff.h`](srctree/include/linux/skbuff.h),
 //! [`include/linux/virtio_vsock.h`](srctree/include/linux/virtio_vsock.h).
 
-use crate::{bindings, protocol::HDR_SIZE, vsock::VsockSock};
+use crate::{
+    bindings,
+    protocol::{RxLayout, HDR_SIZE, HDR_SIZE_U32},
+    vsock::VsockSock,
+};
 use core::{ops::Deref, ptr::NonNull};
-use kernel::{prelude::*, types::Opaque};
+use kernel::{error::to_result, prelude::*, types::Opaque};
 
 /// Memory allocation flags of the functions that may allocate.
 #[derive(Clone, Copy)]
@@ -78,10 +82,10 @@ impl Skb {
         unsafe { bindings::vsock_rs_skb_reply(self.as_ptr()) }
     }
 
-    /// Returns the size of the buffer from the header on (`virtio_vsock_skb_len()`).
-    pub(crate) fn buf_len(&self) -> usize {
+    /// Returns the room left in the linear part (`skb_tailroom()`).
+    pub(crate) fn tailroom(&self) -> u32 {
         // SAFETY: By the type invariant the buffer is valid.
-        unsafe { bindings::vsock_rs_skb_buf_len(self.as_ptr()) }
+        unsafe { bindings::vsock_rs_skb_tailroom(self.as_ptr()) }
     }
 }
 
@@ -96,18 +100,20 @@ pub(crate) struct SkBuff(NonNull<Skb>);
 unsafe impl Send for SkBuff {}
 
 impl SkBuff {
-    /// Allocates a linear buffer for an rx packet of `size` bytes, header included.
+    /// Allocates an rx buffer laid out as `layout`: a linear part with the
+    /// header and `layout.linear` payload bytes, then `layout.frags` bytes in
+    /// order-0 pages.
     ///
     /// As `virtio_vsock_alloc_linear_skb()` plus the zeroing of the header in
-    /// `virtio_vsock_rx_fill()`.
-    pub(crate) fn alloc_rx(size: u32, gfp: Gfp) -> Option<Self> {
-        if (size as usize) < HDR_SIZE {
-            return None;
-        }
+    /// `virtio_vsock_rx_fill()`, with fragments when the layout has them.
+    pub(crate) fn alloc_rx(layout: RxLayout, gfp: Gfp) -> Option<Self> {
+        let linear = HDR_SIZE_U32.checked_add(layout.linear)?;
         // SAFETY: No precondition.
-        let skb = NonNull::new(unsafe { bindings::vsock_rs_alloc_linear_skb(size, gfp.as_raw()) })?;
-        // SAFETY: The buffer was just allocated with room for `size >= HDR_SIZE` bytes from
-        // its head.
+        let skb = NonNull::new(unsafe {
+            bindings::vsock_rs_alloc_rx_skb(linear, layout.frags, gfp.as_raw())
+        })?;
+        // SAFETY: The buffer was just allocated with a linear part of `linear >= HDR_SIZE`
+        // bytes from its head.
         unsafe { core::ptr::write_bytes(bindings::vsock_rs_skb_hdr(skb.as_ptr()), 0, 1) };
         // INVARIANT: The buffer is new, so ours, and its head holds a (zeroed) header.
         Some(Self(skb.cast()))
@@ -140,22 +146,20 @@ impl SkBuff {
         unsafe { (*bindings::vsock_rs_skb_hdr(self.as_ptr())).len = 0 };
     }
 
-    /// Marks `len` received payload bytes after the header as data (`virtio_vsock_skb_put()`).
+    /// Makes the `len` payload bytes the device wrote after the header the
+    /// buffer's data, for a buffer posted with `linear` bytes of linear room
+    /// ([`Virtqueue::add_skb_in`](crate::virtio::Virtqueue::add_skb_in)).
+    ///
+    /// Fragments past `len` are freed, so a payload that fits the linear room
+    /// leaves a linear buffer, as the common code's coalescing of small
+    /// packets needs (`virtio_vsock_skb_put()`, with fragments).
     ///
     /// # Errors
     ///
-    /// `EINVAL` if the buffer already has data or `len` does not fit after the header.
-    pub(crate) fn put(&mut self, len: u32) -> Result {
-        // SAFETY: By the type invariant the buffer is valid.
-        let room = unsafe { bindings::vsock_rs_skb_tailroom(self.as_ptr()) };
-        if self.len() != 0 || len > room {
-            return Err(EINVAL);
-        }
-        if len != 0 {
-            // SAFETY: The buffer is ours and empty, and `len` fits in its tail room.
-            unsafe { bindings::vsock_rs_skb_put(self.as_ptr(), len) };
-        }
-        Ok(())
+    /// `EINVAL` if the buffer already has data or `len` does not fit.
+    pub(crate) fn rx_put(&mut self, linear: u32, len: u32) -> Result {
+        // SAFETY: By the type invariant the buffer is valid and ours.
+        to_result(unsafe { bindings::vsock_rs_skb_rx_put(self.as_ptr(), linear, len) })
     }
 }
 
@@ -252,5 +256,15 @@ impl PinnedDrop for SkbQueue {
     }
 }
 
-/// Size of an rx buffer, header included (`VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE`).
+/// Size of the C driver's rx buffer, header included (`VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE`):
+/// the linear part of every rx buffer.
 pub(crate) const RX_BUF_SIZE: u32 = bindings::VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE;
+
+/// Size of a fragment page (`PAGE_SIZE`).
+pub(crate) const PAGE_SIZE: u32 = bindings::PAGE_SIZE;
+
+/// Returns the module parameter `rx_buf_size`: payload bytes per rx buffer, unchecked.
+pub(crate) fn rx_buf_size_param() -> u32 {
+    // SAFETY: No precondition; the parameter is read-only after load.
+    unsafe { bindings::vsock_rs_rx_buf_size_param() }
+}

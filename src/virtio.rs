@@ -377,23 +377,27 @@ impl<T: Token> Virtqueue<T> {
 }
 
 impl Virtqueue<SkBuff> {
-    /// Posts `skb` for the device to write `len` bytes from its header on
-    /// (as `virtio_vsock_rx_fill()`).
-    pub(crate) fn add_skb_in(&mut self, skb: SkBuff, len: u32, gfp: Gfp) -> Result<(), SkBuff> {
-        if len as usize > skb.buf_len() {
+    /// Posts `skb`, from [`SkBuff::alloc_rx`], for the device to write: its
+    /// header and `linear` payload bytes after it, then its page fragments
+    /// (as `virtio_vsock_rx_fill()`, with fragments).
+    ///
+    /// Gives `skb` back if `linear` exceeds its linear room, it has more
+    /// fragments than a [`SgTable`] holds, or the queue is full.
+    pub(crate) fn add_skb_in(
+        &mut self,
+        skb: SkBuff,
+        linear: u32,
+        sg: &mut SgTable,
+        gfp: Gfp,
+    ) -> Result<(), SkBuff> {
+        if linear > skb.tailroom() {
             return Err(skb);
         }
-        let sg = Opaque::<bindings::scatterlist>::uninit();
-        // SAFETY: `sg` is valid for writes; the buffer has `len` bytes from its header on.
-        unsafe {
-            bindings::sg_init_one(
-                sg.get(),
-                bindings::vsock_rs_skb_hdr(skb.as_ptr()).cast(),
-                len,
-            )
+        let Some(n) = sg.fill(&skb, crate::protocol::HDR_SIZE_U32 + linear, None) else {
+            return Err(skb);
         };
-        // SAFETY: The scatterlist describes memory owned by `skb`.
-        unsafe { self.add_sgs(&mut [sg.get()], 0, skb, gfp) }
+        // SAFETY: `fill` made the first `n` entries describe memory owned by `skb`.
+        unsafe { self.add_sgs(&mut sg.ptrs[..n], 0, skb, gfp) }
     }
 
     /// Posts `skb` for the device to read: header, then linear data or page
@@ -413,41 +417,15 @@ impl Virtqueue<SkBuff> {
         gfp: Gfp,
     ) -> Result<&'a Skb, AddOutError> {
         let p = skb.as_ptr();
-        let mut sgs = [ptr::null_mut(); SG_MAX];
-        let mut n = 0;
-        let mut push = |addr: *mut c_void, len: u32| {
-            let entry = sg.0[n].get();
-            // SAFETY: `entry` is valid for writes; `addr` has `len` bytes owned by `skb`.
-            unsafe { bindings::sg_init_one(entry, addr, len) };
-            sgs[n] = entry;
-            n += 1;
-        };
-        // SAFETY: `p` is a valid buffer with a header at its head.
-        push(
-            unsafe { bindings::vsock_rs_skb_hdr(p) }.cast(),
-            crate::protocol::HDR_SIZE_U32,
-        );
         // SAFETY: `p` is a valid buffer.
-        if !unsafe { bindings::vsock_rs_skb_is_nonlinear(p) } {
-            if skb.len() > 0 {
-                // SAFETY: `p` is valid; a linear buffer has `len` bytes at `data`.
-                push(unsafe { (*p).data }.cast(), skb.len());
-            }
-        } else {
-            // SAFETY: `p` is a valid buffer.
-            let nr_frags = unsafe { bindings::vsock_rs_skb_nr_frags(p) };
-            if nr_frags as usize >= SG_MAX {
-                return Err(AddOutError::TooManyFrags(skb));
-            }
-            for i in 0..nr_frags {
-                let mut len = 0;
-                // SAFETY: `p` is valid and `i < nr_frags`.
-                let va = unsafe { bindings::vsock_rs_skb_frag_virt(p, i, &mut len) };
-                push(va, len);
-            }
-        }
-        // SAFETY: Every scatterlist describes memory owned by `skb`.
-        unsafe { self.add_sgs(&mut sgs[..n], n, skb, gfp) }.map_err(AddOutError::Full)?;
+        let linear = (!unsafe { bindings::vsock_rs_skb_is_nonlinear(p) } && skb.len() > 0)
+            // SAFETY: `p` is valid; a linear buffer has `len` bytes at `data`.
+            .then(|| (unsafe { (*p).data }.cast::<c_void>(), skb.len()));
+        let Some(n) = sg.fill(&skb, crate::protocol::HDR_SIZE_U32, linear) else {
+            return Err(AddOutError::TooManyFrags(skb));
+        };
+        // SAFETY: `fill` made the first `n` entries describe memory owned by `skb`.
+        unsafe { self.add_sgs(&mut sg.ptrs[..n], n, skb, gfp) }.map_err(AddOutError::Full)?;
         // SAFETY: The queue owns the buffer, and keeps it until `get_buf` or
         // `reset_and_del_vqs`, which both need the queue borrowed for longer than `'a`.
         Ok(unsafe { Skb::from_raw(p) })
@@ -527,8 +505,12 @@ impl<T: Token> From<Virtqueue<T>> for AnyVq {
 /// Number of scatterlists of a transmitted packet: header and `MAX_SKB_FRAGS` fragments.
 const SG_MAX: usize = bindings::MAX_SKB_FRAGS as usize + 1;
 
-/// Scatterlists to transmit a packet, kept off the stack as in the C driver.
-pub(crate) struct SgTable([Opaque<bindings::scatterlist>; SG_MAX]);
+/// Scatterlists of a packet (header, data, page fragments), kept off the
+/// stack as in the C driver.
+pub(crate) struct SgTable {
+    sg: [Opaque<bindings::scatterlist>; SG_MAX],
+    ptrs: [*mut bindings::scatterlist; SG_MAX],
+}
 
 // SAFETY: The scatterlists are only scratch space, without pointers kept between uses.
 unsafe impl Send for SgTable {}
@@ -537,9 +519,48 @@ impl SgTable {
     /// Allocates a table.
     pub(crate) fn new() -> Result<KBox<Self>> {
         Ok(KBox::new(
-            Self([const { Opaque::uninit() }; SG_MAX]),
+            Self {
+                sg: [const { Opaque::uninit() }; SG_MAX],
+                ptrs: [ptr::null_mut(); SG_MAX],
+            },
             GFP_KERNEL,
         )?)
+    }
+
+    /// Describes `head` bytes of `skb` from its header on, then `data` if
+    /// given, then every page fragment of `skb` if it has any.
+    ///
+    /// Returns how many entries of `ptrs` are set, or `None` if they do not
+    /// fit (more fragments than `MAX_SKB_FRAGS`).
+    fn fill(&mut self, skb: &Skb, head: u32, data: Option<(*mut c_void, u32)>) -> Option<usize> {
+        let p = skb.as_ptr();
+        // SAFETY: `p` is a valid buffer.
+        let nr_frags = unsafe { bindings::vsock_rs_skb_nr_frags(p) } as usize;
+        if 1 + usize::from(data.is_some()) + nr_frags > SG_MAX {
+            return None;
+        }
+        let mut n = 0;
+        let mut push = |addr: *mut c_void, len: u32| {
+            let entry = self.sg[n].get();
+            // SAFETY: `entry` is valid for writes; `addr` has `len` bytes owned by `skb`
+            // (the callers' ranges below).
+            unsafe { bindings::sg_init_one(entry, addr, len) };
+            self.ptrs[n] = entry;
+            n += 1;
+        };
+        // SAFETY: `p` is a valid buffer with a header at its head, followed by its linear
+        // part, of which the callers pass at most `HDR_SIZE` plus the tail room.
+        push(unsafe { bindings::vsock_rs_skb_hdr(p) }.cast(), head);
+        if let Some((addr, len)) = data {
+            push(addr, len);
+        }
+        for i in 0..nr_frags {
+            let mut len = 0;
+            // SAFETY: `p` is valid and `i < nr_frags`, which fits a `u32` (at most `SG_MAX`).
+            let va = unsafe { bindings::vsock_rs_skb_frag_virt(p, i as u32, &mut len) };
+            push(va, len);
+        }
+        Some(n)
     }
 }
 
