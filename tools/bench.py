@@ -25,6 +25,10 @@ configuration and one repetition of every metric:
       starts and after both ends have finished, in CPU-seconds per GiB
       sent; "all" sums every transfer of the block. Under TCG throughput is
       capped by the emulation, this shows the work each driver does.
+  cpu% idle
+      The same busy time of both guests at rest for --idle-seconds at the
+      start of the block, in percent of one CPU: the part of the figures
+      above that is not moving data (agents, timers, the emulation).
 
 Configurations. With --driver2/--peer2 a second configuration B is measured
 against the first, A, and a third one, N, identical to A, measures the noise
@@ -99,6 +103,7 @@ T0 = time.monotonic()
 TPUT = "Gbit/s"
 USEC = "us"
 CPUG = "s/GiB"
+PCT = "%"
 HOST_CID = 2
 # /proc/stat counts in USER_HZ, 100 on x86 whatever CONFIG_HZ is.
 USER_HZ = 100
@@ -515,10 +520,27 @@ class Bench:
             for src, dst in ((3, 4), (4, 3)):
                 self.throughput(src, dst, 64 << 10, a.warmup_bytes)
 
+    def idle(self, seconds):
+        """Busy ticks of both idle guests over `seconds`: what /proc/stat
+        counts when nothing moves (the agents, timers, the emulation)."""
+        t0 = time.monotonic()
+        cpu0 = self.cpu_ticks("idle")
+        time.sleep(seconds)
+        cpu1 = self.cpu_ticks("idle")
+        wall = time.monotonic() - t0
+        ticks = {cid: cpu1[cid] - cpu0[cid] for cid in cpu0}
+        return {"cpu_ticks": {str(c): t for c, t in ticks.items()},
+                "wall_s": wall,
+                "busy_pct": sum(ticks.values()) / USER_HZ / wall * 100}
+
     def one_rep(self, cfg, rep):
         """All metrics once, on the guests booted for cfg."""
         a = self.args
         tag = f"{cfg.label} rep {rep}/{a.reps}"
+        if a.idle_seconds:
+            res = self.idle(a.idle_seconds)
+            self.record(cfg, rep, "idle", "cpu% idle", res)
+            log(f"{tag}: idle guests: {res['busy_pct']:.1f} % of a CPU busy")
         res = self.latency(3, 4, a.lat_size)
         self.record(cfg, rep, "latency", f"lat 3->4 {a.lat_size}B", res,
                     size=a.lat_size)
@@ -578,16 +600,18 @@ def values(sample):
                  sample["cpu_s_per_gib"])]
     if kind == "cpu_total":
         return [(sample["metric"], CPUG, sample["cpu_s_per_gib"])]
+    if kind == "idle":
+        return [(sample["metric"], PCT, sample["busy_pct"])]
     return [(f"{sample['metric']} {q}", USEC, sample[f"{q}_us"])
             for q in ("p50", "p90", "p99")]
 
 
 def metric_order(name):
     """Table order: latency, throughput, CPU per transfer, CPU in all."""
-    for i, prefix in enumerate(("lat ", "tput ", "cpu/GiB ")):
+    for i, prefix in enumerate(("lat ", "tput ", "cpu/GiB ", "cpu% ")):
         if name.startswith(prefix):
             return (i, name == "cpu/GiB all")
-    return (3, False)
+    return (4, False)
 
 
 def summarize(samples, labels):
@@ -817,6 +841,9 @@ def make_args(argv=None):
                    help="untimed round trips before them (default 100)")
     p.add_argument("--lat-size", type=int, default=64,
                    help="bytes per latency message (default 64)")
+    p.add_argument("--idle-seconds", type=float, default=3,
+                   help="per block, how long to count the busy time of "
+                        "both guests at rest (default 3, 0 for none)")
     p.add_argument("--resamples", type=int, default=10000,
                    help="bootstrap resamples per interval (default 10000)")
     p.add_argument("--seed", type=int, default=1,
@@ -875,6 +902,14 @@ def setup(args):
     for k, v in vars(vargs).items():
         if not hasattr(args, k) or k in ("workdir", "initrd", "front"):
             setattr(args, k, v)
+    # The guests' initramfs is copied now; the Rust module must be in it.
+    if "rust" in (args.driver, args.peer, args.driver2, args.peer2):
+        with open(args.initrd, "rb") as f:
+            if b"lib/modules/virtio_vsock_rs.ko" not in f.read():
+                sys.exit(f"bench FAILED: the extras archive for the "
+                         f"{args.kernel} kernel has no Rust module: run "
+                         f"'make bench' or 'make extras FLAVOUR={args.kernel}"
+                         f" DRIVER=rust'")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.json = args.json or os.path.join(CACHE, "bench",
                                           f"bench-{stamp}.json")
@@ -996,7 +1031,8 @@ def main():
                                                           args.reps)],
         "settings": {k: getattr(args, k) for k in (
             "kernel", "kdir", "front", "root_port", "reps", "bytes_4k",
-            "bytes_64k", "no_host", "warmup_bytes", "lat_count",
+            "bytes_64k", "no_host", "idle_seconds", "warmup_bytes",
+            "lat_count",
             "lat_warmup", "lat_size", "resamples", "seed", "smp", "mem",
             "append", "run_timeout", "workdir")},
         "kernel": kernel_info(args, bench),

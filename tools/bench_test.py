@@ -198,6 +198,8 @@ class Parsing(unittest.TestCase):
         self.assertEqual([v[0] for v in bench.values(s)],
                          ["lat 3->4 64B p50", "lat 3->4 64B p90",
                           "lat 3->4 64B p99"])
+        s = {"kind": "idle", "metric": "cpu% idle", "busy_pct": 2.5}
+        self.assertEqual(bench.values(s), [("cpu% idle", bench.PCT, 2.5)])
 
 
 def fake_samples():
@@ -220,6 +222,9 @@ def fake_samples():
             out.append({"config": label, "config_name": name, "rep": rep,
                         "kind": "cpu_total", "metric": "cpu/GiB all",
                         "cpu_s_per_gib": 8.6 / scale})
+            out.insert(0, {"config": label, "config_name": name,
+                           "rep": rep, "kind": "idle", "metric": "cpu% idle",
+                           "busy_pct": rng.gauss(3, 0.3)})
     return out
 
 
@@ -247,7 +252,7 @@ class Report(unittest.TestCase):
         s = doc["summary"]
         self.assertEqual(list(s)[:3], ["lat 3->4 64B p50", "lat 3->4 64B p90",
                                        "lat 3->4 64B p99"])
-        self.assertEqual(list(s)[-1], "cpu/GiB all")
+        self.assertEqual(list(s)[-2:], ["cpu/GiB all", "cpu% idle"])
         self.assertEqual(s["tput 3->4 64K"]["configs"]["c/c"]["n"], 5)
         t = doc["ratio"]["per_metric"]["tput 3->4 64K"]
         self.assertGreater(t["lo"], 1.4)
