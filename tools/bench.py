@@ -949,7 +949,9 @@ def kernel_info(args, bench):
     return {"flavour": args.kernel, "kdir": args.kdir, "release": release,
             "proc_version": bench.kernels,
             "rust_module_sha256": sha256(os.path.join(
-                CACHE, "module", args.kernel, "virtio_vsock_rs.ko")),
+                CACHE, "module",
+                vmtest.kernel_name(args.kernel, args.kernel_version),
+                "virtio_vsock_rs.ko")),
             "initrd_sha256": sha256(args.initrd)}
 
 
