@@ -74,6 +74,11 @@ KNOWN_LIMITS = {
             "known 6.12 limit: its socket core lingers on close() until the "
             "peer has read everything (7.x's vsock_linger() waits for unsent "
             "bytes only); fails with the C driver too",
+        "SOCK_STREAM small packets backpressure":
+            "known 6.12 limit: its virtio_transport_common does not collapse "
+            "the receive queue, so the per-skb overhead of many small packets "
+            "exceeds buf_alloc and the connection is reset; fails with the C "
+            "driver too",
     },
 }
 
