@@ -75,10 +75,10 @@ KNOWN_LIMITS = {
             "peer has read everything (7.x's vsock_linger() waits for unsent "
             "bytes only); fails with the C driver too",
         "SOCK_STREAM small packets backpressure":
-            "known 6.12 limit: its virtio_transport_common does not collapse "
-            "the receive queue, so the per-skb overhead of many small packets "
-            "exceeds buf_alloc and the connection is reset; fails with the C "
-            "driver too",
+            "fails on 6.12 with the C driver too (both role assignments: the "
+            "peer resets the connection, send: Broken pipe); the 6.12 cause "
+            "is not yet known (6.12.117 has the receive-queue collapsing the "
+            "test checks)",
     },
 }
 
