@@ -5,7 +5,9 @@
 # statistics, a bounded fuzz run of the rx header validation, the runner's
 # self-test, and the VM suites on the debug kernels: on 6.12, C/C (the
 # baseline), Rust/C, Rust/Rust and the reload test; on 7.3, the lint, Rust/C
-# and C/C. CHECK_KERNELS="6.12" (or "7.3") runs one kernel's part only.
+# and C/C. CHECK_KERNELS lists the kernels: "6.12" until the 7.3 bed has
+# passed once on a built 7.3 kernel, then "6.12 7.3" (CHECK_KERNELS="6.12 7.3"
+# asks for both now).
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$TOP"
@@ -50,7 +52,7 @@ step() {
 	count "$name" "$rc" >>"$log/summary"
 }
 
-kernels=${CHECK_KERNELS:-6.12 7.3}
+kernels=${CHECK_KERNELS:-6.12}
 for k in $kernels; do
 	make --no-print-directory setup kernel-debug initramfs device extras \
 		KERNEL="$k" FLAVOUR=debug DRIVER=rust ||
