@@ -260,16 +260,25 @@ fn rx_layout_every_payload() {
     for payload in (0..=70_000).step_by(97).chain([u32::MAX, MAX_PKT_BUF_SIZE]) {
         let l = RxLayout::new(payload, linear_buf, page);
         assert_eq!(l.linear, linear_buf - HDR_SIZE_U32);
-        assert!(l.payload() >= c.payload() && l.payload() <= MAX_PKT_BUF_SIZE, "{payload}");
+        assert!(
+            l.payload() >= c.payload() && l.payload() <= MAX_PKT_BUF_SIZE,
+            "{payload}"
+        );
         assert_eq!(l.capacity(), l.payload() + HDR_SIZE_U32);
         // Enough pages, and not one too many.
-        assert!(l.pages * page >= l.frags && l.pages * page < l.frags + page, "{payload}");
+        assert!(
+            l.pages * page >= l.frags && l.pages * page < l.frags + page,
+            "{payload}"
+        );
         assert!(l.pages as usize <= 17 - 1, "fits MAX_SKB_FRAGS");
         for ring in [1u32, 2, 16, 64, 128, 256, 1024] {
             let n = l.max_bufs(ring);
             assert!(n >= 1 && n <= ring);
             // Memory bound: never more than RX_MEM_FACTOR x C's ring of pages.
-            assert!(n * l.pages_used() <= RX_MEM_FACTOR * ring || n == 1, "{payload} {ring}");
+            assert!(
+                n * l.pages_used() <= RX_MEM_FACTOR * ring || n == 1,
+                "{payload} {ring}"
+            );
         }
     }
     assert_eq!(c.max_bufs(128), 128);
