@@ -76,7 +76,8 @@ fn reference(used: u32, cap: u32, buf: &[u8], guest: u32, bits: u64) -> Result<(
     if src > u32::MAX as u64 || dst > u32::MAX as u64 {
         return Err(DropReason::CidUpperBits);
     }
-    if dst != guest as u64 {
+    // A driver without a usable CID (VMADDR_CID_ANY) takes no packet.
+    if dst != guest as u64 || guest == u32::MAX {
         return Err(DropReason::WrongDstCid);
     }
     if src == u32::MAX as u64 || src == 1 || src == guest as u64 {
