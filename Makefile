@@ -98,6 +98,7 @@ lint: kernel-debug
 		M=$(LINTDIR) CONFIG_VIRTIO_VSOCKETS_RUST=m \
 		modules 2>&1 | tee $(LINTDIR).log | grep -v '^make'
 	@! grep -qE '^(warning|error)' $(LINTDIR).log
+	@tools/ksym-len.sh $(LINTDIR)/virtio_vsock_rs.ko
 	@tools/rustdoc.sh $(VSOCK_RS_CACHE)/kernel/$(call kname,debug) $(LINTDIR)
 	@echo "lint: rustfmt, clippy and rustdoc clean on $(KERNEL)"
 
