@@ -70,9 +70,12 @@ step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
 if has 6.12; then
 	vt=(tools/vmtest.py --kernel debug --kernel-version 6.12)
 	step runner-selftest "${vt[@]}" --selftest
-	step vmtest-c-c "${vt[@]}" --driver c --peer c
+	# With the same driver in both guests the two role assignments run the
+	# same code (only the CIDs differ): one is enough. Rust/C runs both, as
+	# the Rust driver is server in one and client in the other.
+	step vmtest-c-c "${vt[@]}" --driver c --peer c --one-way
 	step vmtest-rust-c "${vt[@]}" --driver rust --peer c
-	step vmtest-rust-rust "${vt[@]}" --driver rust --peer rust
+	step vmtest-rust-rust "${vt[@]}" --driver rust --peer rust --one-way
 	step vmtest-reload "${vt[@]}" --reload 20 --peer c
 fi
 if has 7.3; then
