@@ -13,7 +13,7 @@
 #![deny(unsafe_code)]
 
 use crate::{
-    kext::{debugfs, flush_work, new_try_mutex, RcuArc, TryMutex, WorkQueue},
+    kext::{self, debugfs, flush_work, new_try_mutex, RcuArc, TryMutex, WorkQueue},
     protocol::{self as proto, Counter, Event},
     skb::{Gfp, SkBuff, SkbQueue},
     virtio::{self, AddOutError, Device, SgTable, Virtqueue},
@@ -50,6 +50,10 @@ static CLAIMED: AtomicBool = AtomicBool::new(false);
 
 /// Most rx packets handled by one run of the rx work before it yields.
 const RX_BUDGET: u32 = 256;
+
+/// Pause before the rx work tries again to post buffers after a refill that
+/// left none posted.
+const RX_REFILL_RETRY_MS: u32 = 100;
 
 /// Offset of `guest_cid` in the configuration space.
 const GUEST_CID_OFFSET: u32 = proto::CONFIG_GUEST_CID_OFFSET as u32;
@@ -346,6 +350,18 @@ impl Vsock {
         }
         if proto::rx_refill_needed(rx.buf_nr, rx.buf_max_nr) {
             self.rx_fill(rx);
+        }
+        if rx.buf_nr > 0 {
+            return;
+        }
+        // Nothing is posted (allocations failed), so no rx interrupt will come
+        // to run this work again: the C driver stalls here until the device is
+        // reset. Retry after a pause, as virtio-net's refill work does, for as
+        // long as the device is started.
+        drop(guard);
+        kext::sleep_ms(RX_REFILL_RETRY_MS);
+        if self.rx.lock().is_some() {
+            self.queue_work::<RX_WORK>();
         }
     }
 

@@ -108,6 +108,18 @@ pub(crate) fn flush_work<T: HasWork<T, ID>, const ID: u64>(item: &T) {
     unsafe { kernel::bindings::flush_work(work) };
 }
 
+/// Sleeps for at least `ms` milliseconds (`fsleep()`); only in process context.
+pub(crate) fn sleep_ms(ms: u32) {
+    #[cfg(kernel_7_3)]
+    kernel::time::delay::fsleep(kernel::time::Delta::from_millis(i64::from(ms)));
+    #[cfg(not(kernel_7_3))]
+    {
+        // SAFETY: `msleep()` only needs process context, which the callers (work items)
+        // have.
+        unsafe { kernel::bindings::msleep(ms) };
+    }
+}
+
 /// An owned workqueue, destroyed (after running its pending work) when dropped.
 ///
 /// # Invariants
