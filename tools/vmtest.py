@@ -24,6 +24,7 @@ The last line printed is "N passed, N failed, N skipped".
 """
 
 import argparse
+import base64
 import fcntl
 import json
 import os
@@ -475,8 +476,14 @@ class Guest:
             self.next_id += 1
             job = Job(self, jid, cmd)
             self.jobs[jid] = job
+            line = cmd
+            if "\n" in cmd:
+                # The agent reads one command per line: a script of several
+                # lines would run as its first line only.
+                b64 = base64.b64encode(cmd.encode()).decode()
+                line = f'eval "$(echo {b64} | base64 -d)"'
             try:
-                self.sock.sendall(f"{jid} {cmd}\n".encode())
+                self.sock.sendall(f"{jid} {line}\n".encode())
             except OSError as e:
                 raise RunError(f"guest {self.cid}: agent channel: {e}")
         return job
