@@ -50,7 +50,7 @@ MODULE_KO = $(MODDIR)/virtio_vsock_rs.ko
 LINTDIR = $(VSOCK_RS_CACHE)/module/lint-$(KERNEL)
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
-.PHONY: lint rustfmtcheck rustdoc patches run shell module modules extras all setup qemu kernel kernel-debug kernel-perf initramfs device \
+.PHONY: lint rustfmtcheck rustdoc patches run shell module modules extras all setup qemu kernel kernel-debug kernel-perf kernel-builtin initramfs device \
 	vsock-tests vmtest vmtest-selftest faults soak bench check device-test clean help
 
 all: help
@@ -67,7 +67,7 @@ qemu:
 
 kernel: kernel-debug kernel-perf
 
-kernel-debug kernel-perf: setup
+kernel-debug kernel-perf kernel-builtin: setup
 	@tools/build-kernel.sh $(@:kernel-%=%)
 
 vsock-tests: setup

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
-# Build a guest kernel flavour (debug or perf) of KERNEL (6.12 or 7.3, see
+# Build a guest kernel flavour (debug, perf or builtin) of KERNEL (6.12 or 7.3, see
 # tools/lib.sh) from Debian's linux-source-$KERNEL into $CACHE/kernel/NAME,
 # NAME being the flavour for 6.12 and 7.3-<flavour> for 7.3. That directory
 # is also the KDIR for out-of-tree modules. Rebuilt only when its inputs
@@ -9,21 +9,24 @@
 # The fragments are tools/kernel/{base,<flavour>,rust-driver}.config, plus
 # base-$KERNEL.config and <flavour>-$KERNEL.config where they exist, for
 # options that moved in that kernel. VSOCK_RS_INTREE=0 leaves the Rust
-# driver out of the kernel (for a tree it does not build on yet).
+# driver out of the kernel (for a tree it does not build on yet). The
+# builtin flavour is debug with the Rust driver built in (builtin.config).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 flavour=${1:-debug}
 case "$flavour" in
-debug | perf) ;;
-*) die "unknown kernel flavour '$flavour': use debug or perf" ;;
+debug | perf | builtin) ;;
+*) die "unknown kernel flavour '$flavour': use debug, perf or builtin" ;;
 esac
 [ -f "$KSRC/Makefile" ] || die "kernel source missing in $KSRC: run 'make setup' first"
 [ -x "$BINDGEN" ] || die "bindgen missing at $BINDGEN: run 'make setup' first"
 
 out=$CACHE/kernel/$(kname "$flavour")
 frags=()
-for f in base "$flavour"; do
+base_flavour=$flavour
+[ "$flavour" = builtin ] && base_flavour=debug
+for f in base "$base_flavour"; do
 	frags+=("$TOP/tools/kernel/$f.config")
 	if [ -f "$TOP/tools/kernel/$f-$KERNEL.config" ]; then
 		frags+=("$TOP/tools/kernel/$f-$KERNEL.config")
@@ -31,8 +34,12 @@ for f in base "$flavour"; do
 done
 # The in-tree copy of the Rust driver is part of the kernel's inputs.
 intree=${VSOCK_RS_INTREE:-1}
+[ "$flavour" = builtin ] && intree=1
 intree_inputs=()
-if [ "$intree" = 1 ]; then
+if [ "$flavour" = builtin ]; then
+	frags+=("$TOP/tools/kernel/builtin.config")
+	mapfile -t intree_inputs < <("$TOP/tools/intree.sh" --list-inputs)
+elif [ "$intree" = 1 ]; then
 	frags+=("$TOP/tools/kernel/rust-driver.config")
 	mapfile -t intree_inputs < <("$TOP/tools/intree.sh" --list-inputs)
 fi
