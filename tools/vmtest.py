@@ -69,17 +69,23 @@ QEMU_ROOT = os.path.join(CACHE, "qemu-trixie")
 # vsock_test cases that a kernel's socket core fails whatever the transport
 # (the C driver too): skipped on that kernel, the skip and its reason
 # printed. By kernel version, then by the name `vsock_test --list` gives.
+# vsock_test 40 fails with C/C on both kernels on this bed, so the bed (the
+# device's forwarding or TCG's pace) is the suspect, not the drivers.
+BACKPRESSURE_LIMIT = (
+    "fails with the C driver too, on 6.12 and on 7.3 (both role assignments: "
+    "the connection is reset, send: Broken pipe); 7.3 has the receive-queue "
+    "collapsing the test checks, so the test bed is the suspect; cause not "
+    "yet found")
 KNOWN_LIMITS = {
     "6.12": {
         "SOCK_STREAM SO_LINGER close() on unread":
             "known 6.12 limit: its socket core lingers on close() until the "
             "peer has read everything (7.x's vsock_linger() waits for unsent "
             "bytes only); fails with the C driver too",
-        "SOCK_STREAM small packets backpressure":
-            "fails on 6.12 with the C driver too (both role assignments: the "
-            "peer resets the connection, send: Broken pipe); the 6.12 cause "
-            "is not yet known (6.12.117 has the receive-queue collapsing the "
-            "test checks)",
+        "SOCK_STREAM small packets backpressure": BACKPRESSURE_LIMIT,
+    },
+    "7.3": {
+        "SOCK_STREAM small packets backpressure": BACKPRESSURE_LIMIT,
     },
 }
 
