@@ -4,7 +4,7 @@
 # unit tests of the device, the protocol layer, the samples and the bench's
 # statistics, a bounded fuzz run of the rx header validation, the runner's
 # self-test, and the VM suites on the debug kernels: on 6.12, C/C (the
-# baseline), Rust/C, Rust/Rust and the reload test; on 7.3, the lint, Rust/C
+# baseline), Rust/C, Rust/Rust, the reload test and the fault suite; on 7.3, the lint, Rust/C
 # and C/C. CHECK_KERNELS lists the kernels: "6.12" until the 7.3 bed has
 # passed once on a built 7.3 kernel, then "6.12 7.3" (CHECK_KERNELS="6.12 7.3"
 # asks for both now).
@@ -77,6 +77,9 @@ if has 6.12; then
 	step vmtest-rust-c "${vt[@]}" --driver rust --peer c
 	step vmtest-rust-rust "${vt[@]}" --driver rust --peer rust --one-way
 	step vmtest-reload "${vt[@]}" --reload 20 --peer c
+	# The hostile device and the production paths (Documentation/faults.rst).
+	step faults tools/faults.py --kernel debug --kernel-version 6.12 \
+		--driver rust --peer rust
 fi
 if has 7.3; then
 	vt=(tools/vmtest.py --kernel debug --kernel-version 7.3)
