@@ -229,10 +229,15 @@ impl Vsock {
 
     /// Posts rx buffers until the queue is full or holds as many as the
     /// memory bound allows (`virtio_vsock_rx_fill()`).
-    fn rx_fill(&self, rx: &mut RxState) {
+    ///
+    /// Returns whether it stopped because an allocation failed, which is
+    /// worth retrying (a queue that refuses buffers, e.g. broken, is not).
+    fn rx_fill(&self, rx: &mut RxState) -> bool {
+        let mut out_of_memory = false;
         while rx.buf_nr < rx.bufs_limit {
             let Some(skb) = SkBuff::alloc_rx(self.rx_layout, Gfp::Kernel) else {
                 self.stats.inc(Counter::RxRefillFailures);
+                out_of_memory = true;
                 break;
             };
             if rx
@@ -251,6 +256,7 @@ impl Vsock {
         rx.buf_max_nr = rx.buf_max_nr.max(rx.buf_nr);
         rx.vq.kick();
         self.stats.inc(Counter::RxRefills);
+        out_of_memory
     }
 
     /// Validates a used rx buffer and hands it to the common code.
@@ -348,10 +354,8 @@ impl Vsock {
                 break;
             }
         }
-        if proto::rx_refill_needed(rx.buf_nr, rx.buf_max_nr) {
-            self.rx_fill(rx);
-        }
-        if rx.buf_nr > 0 {
+        let out_of_memory = proto::rx_refill_needed(rx.buf_nr, rx.buf_max_nr) && self.rx_fill(rx);
+        if rx.buf_nr > 0 || !out_of_memory {
             return;
         }
         // Nothing is posted (allocations failed), so no rx interrupt will come
