@@ -33,14 +33,13 @@ for f in base "$base_flavour"; do
 	fi
 done
 # The in-tree copy of the Rust driver is part of the kernel's inputs.
+# builtin.config asks for =y, rust-driver.config for =m.
 intree=${VSOCK_RS_INTREE:-1}
-[ "$flavour" = builtin ] && intree=1
+driver_frag=rust-driver
+if [ "$flavour" = builtin ]; then intree=1 driver_frag=builtin; fi
 intree_inputs=()
-if [ "$flavour" = builtin ]; then
-	frags+=("$TOP/tools/kernel/builtin.config")
-	mapfile -t intree_inputs < <("$TOP/tools/intree.sh" --list-inputs)
-elif [ "$intree" = 1 ]; then
-	frags+=("$TOP/tools/kernel/rust-driver.config")
+if [ "$intree" = 1 ]; then
+	frags+=("$TOP/tools/kernel/$driver_frag.config")
 	mapfile -t intree_inputs < <("$TOP/tools/intree.sh" --list-inputs)
 fi
 key=$(inputs_hash "${frags[@]}" "$0" "$(cat "$KSRC/.vsock-rs-source" 2>/dev/null)" \

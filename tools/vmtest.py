@@ -66,8 +66,8 @@ COUNTERS_CMD = ("found=; for d in /sys/bus/virtio/devices/*/vsock_rs "
 # QEMU 11.1 from trixie-backports in a root of its own (tools/setup-qemu.sh).
 QEMU_ROOT = os.path.join(CACHE, "qemu-trixie")
 
-# vsock_test cases that a kernel's socket core fails whatever the transport
-# (the C driver too): skipped on that kernel, the skip and its reason
+# vsock_test cases that fail on a kernel whatever the transport (the C
+# driver too), from its socket core or from the test bed: skipped there, the skip and its reason
 # printed. By kernel version, then by the name `vsock_test --list` gives.
 # vsock_test 40 fails with C/C on both kernels on this bed, so the bed (the
 # device's forwarding or TCG's pace) is the suspect, not the drivers.
