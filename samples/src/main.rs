@@ -6,7 +6,7 @@
 //! vsock-echo server [--type stream|seqpacket] [--cid CID] [--port PORT]
 //!                   [--count CONNECTIONS] [--size MAX_MESSAGE]
 //! vsock-echo client [--type stream|seqpacket] [--cid CID] [--port PORT]
-//!                   [--to-host] [--count N] [--size BYTES] [--timeout SECS]
+//!                   [--to-host] [--zerocopy] [--count N] [--size BYTES] [--timeout SECS]
 //!                   [--latency [--warmup N]]
 //! vsock-echo cid
 //! ```
@@ -40,18 +40,21 @@ const USAGE: &str = "\
 usage: vsock-echo server [--type stream|seqpacket] [--cid CID] [--port PORT]
                          [--count CONNECTIONS] [--size MAX_MESSAGE]
        vsock-echo client [--type stream|seqpacket] [--cid CID] [--port PORT]
-                         [--to-host] [--count N] [--size BYTES] [--timeout SECS]
+                         [--to-host] [--zerocopy] [--count N] [--size BYTES] [--timeout SECS]
                          [--latency [--warmup N]]
        vsock-echo cid
 
 server: listens on CID (default any) and PORT (default 1234) and echoes every
         connection; exits after CONNECTIONS connections (default 0: never).
         Seqpacket messages longer than MAX_MESSAGE (default 65536) are an error.
+        Each connection ends with 'echo server: TYPE peer cid=C port=P
+        flags=F BYTES bytes', F the peer address's svm_flags from accept().
 client: connects to CID (default 2, the host) and PORT (default 1234), sends N
         (default 10) messages of BYTES (default 4096) bytes, checks the echo and
         prints 'echo ok: TYPE cid=CID port=PORT N messages TOTAL bytes'.
-        --to-host sets VMADDR_FLAG_TO_HOST; --timeout (default 10, 0 for none)
-        bounds connect, send and receive.
+        --to-host sets VMADDR_FLAG_TO_HOST; --zerocopy sends with MSG_ZEROCOPY
+        (SO_ZEROCOPY on); --timeout (default 10, 0 for none) bounds connect,
+        send and receive.
         --latency times N (default 1000) round trips of BYTES (default 64)
         bytes, after --warmup (default 100) untimed ones, and prints
         'latency: TYPE cid=CID port=PORT n=N size=BYTES warmup=W min_us=..
@@ -66,6 +69,7 @@ struct Opts {
     cid: Option<u32>,
     port: u32,
     to_host: bool,
+    zerocopy: bool,
     count: Option<u64>,
     size: Option<usize>,
     timeout: u64,
@@ -90,6 +94,7 @@ fn parse_opts(args: impl Iterator<Item = String>) -> Result<Opts, String> {
         cid: None,
         port: 1234,
         to_host: false,
+        zerocopy: false,
         count: None,
         size: None,
         timeout: 10,
@@ -118,6 +123,7 @@ fn parse_opts(args: impl Iterator<Item = String>) -> Result<Opts, String> {
             "--size" | "-s" => opts.size = Some(parse_num("--size", value())?),
             "--timeout" => opts.timeout = parse_num("--timeout", value())?,
             "--to-host" => opts.to_host = true,
+            "--zerocopy" => opts.zerocopy = true,
             "--latency" => opts.latency = true,
             "--warmup" => opts.warmup = Some(parse_num("--warmup", value())?),
             _ => return Err(format!("unknown option '{arg}'")),
@@ -261,10 +267,14 @@ fn run_client(opts: &Opts) -> Result<(), String> {
     let flags = if opts.to_host { VMADDR_FLAG_TO_HOST } else { 0 };
     let what = format!("{} cid={cid} port={}", opts.ty.name(), opts.port);
 
-    let sock = Socket::new(opts.ty).map_err(|e| format!("socket: {e}"))?;
+    let mut sock = Socket::new(opts.ty).map_err(|e| format!("socket: {e}"))?;
     let timeout = (opts.timeout > 0).then(|| Duration::from_secs(opts.timeout));
     sock.set_timeout(timeout)
         .map_err(|e| format!("setsockopt: {e}"))?;
+    if opts.zerocopy {
+        sock.set_zerocopy()
+            .map_err(|e| format!("setsockopt SO_ZEROCOPY: {e}"))?;
+    }
     sock.connect(&SockaddrVm::new(cid, opts.port, flags))
         .map_err(|e| format!("connect {what}: {e}"))?;
 
@@ -330,7 +340,10 @@ fn run_server(opts: &Opts) -> Result<(), String> {
         let (conn, peer) = sock.accept().map_err(|e| format!("accept: {e}"))?;
         served += 1;
         let worker = std::thread::spawn(move || {
-            let who = format!("{ty} peer cid={} port={}", peer.svm_cid, peer.svm_port);
+            let who = format!(
+                "{ty} peer cid={} port={} flags={:#x}",
+                peer.svm_cid, peer.svm_port, peer.svm_flags
+            );
             match echo(&conn, max) {
                 Ok((m, b)) if ty == "seqpacket" => {
                     println!("echo server: {who} {m} messages {b} bytes")

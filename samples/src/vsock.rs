@@ -101,6 +101,8 @@ fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
 pub struct Socket {
     fd: OwnedFd,
     ty: SockType,
+    /// Flags of every `send()`: 0, or `MSG_ZEROCOPY` after `set_zerocopy()`.
+    send_flags: libc::c_int,
 }
 
 impl Socket {
@@ -110,7 +112,11 @@ impl Socket {
         let fd = cvt(unsafe { libc::socket(libc::AF_VSOCK, ty.raw() | libc::SOCK_CLOEXEC, 0) })?;
         // SAFETY: `fd` was just returned by `socket()` and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Socket { fd, ty })
+        Ok(Socket {
+            fd,
+            ty,
+            send_flags: 0,
+        })
     }
 
     /// Creates a connected pair of AF_UNIX sockets of type `ty`, to test the
@@ -129,7 +135,18 @@ impl Socket {
         })?;
         // SAFETY: Both fds were just returned by `socketpair()` and are owned by nobody else.
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok((Socket { fd: a, ty }, Socket { fd: b, ty }))
+        Ok((
+            Socket {
+                fd: a,
+                ty,
+                send_flags: 0,
+            },
+            Socket {
+                fd: b,
+                ty,
+                send_flags: 0,
+            },
+        ))
     }
 
     fn raw(&self) -> RawFd {
@@ -174,7 +191,14 @@ impl Socket {
                 Ok(fd) => {
                     // SAFETY: `fd` was just returned by `accept4()` and is owned by nobody else.
                     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                    return Ok((Socket { fd, ty: self.ty }, addr));
+                    return Ok((
+                        Socket {
+                            fd,
+                            ty: self.ty,
+                            send_flags: 0,
+                        },
+                        addr,
+                    ));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -242,11 +266,33 @@ impl Socket {
         Ok(())
     }
 
+    /// Turns on `SO_ZEROCOPY`: from now on every send uses `MSG_ZEROCOPY`.
+    ///
+    /// The kernel pins the sent pages instead of copying them and reports
+    /// their release on the error queue, which is left unread here (closing
+    /// the socket drops it).
+    pub fn set_zerocopy(&mut self) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a valid `c_int` of the given length.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.raw(),
+                libc::SOL_SOCKET,
+                libc::SO_ZEROCOPY,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+        self.send_flags = libc::MSG_ZEROCOPY;
+        Ok(())
+    }
+
     /// Sends `buf` with one `send()` call, retrying on `EINTR`.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
-            let ret = unsafe { libc::send(self.raw(), buf.as_ptr().cast(), buf.len(), 0) };
+            let ret =
+                unsafe { libc::send(self.raw(), buf.as_ptr().cast(), buf.len(), self.send_flags) };
             match cvt_size(ret) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => return other,
