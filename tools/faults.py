@@ -36,6 +36,7 @@ The last line printed is "N passed, N failed, N skipped".
 """
 
 import argparse
+import errno
 import fnmatch
 import json
 import os
@@ -1346,11 +1347,23 @@ def table(c_path, rust_path):
                                    if n not in r["verdicts"]]
 
     def cell(d, n):
+        """The verdict and the findings that tell the drivers apart, short
+        enough for a table: answers, the CID in use, whether it was sent."""
         v = d["verdicts"].get(n, "not run")
-        notes = d["notes"].get(n, [])
-        short = [x for x in notes if re.match(r"(rx_answered|device:|local"
-                                              r" CID|guest 3)", x)]
-        text = v if not short else f"{v}; " + "; ".join(short[:2])
+        if v != "ok":
+            v = v.split(":")[0]
+        short = []
+        for x in d["notes"].get(n, []):
+            if m := re.match(r"rx_answered \+(\d+)", x):
+                short.append(f"answered {m[1]}")
+            elif m := re.match(r"local CID after the reset: (\d+)", x):
+                short.append(f"CID {m[1]}")
+            elif "with that CID: delivered" in x:
+                short.append("sends with it")
+            elif m := re.search(r"with that CID: refused.*\(os error (\d+)\)",
+                                x):
+                short.append(f"refused ({errno.errorcode.get(int(m[1]), m[1])})")
+        text = v if not short else f"{v}: " + ", ".join(short)
         return text.replace("|", "/")
 
     rows = [("case", "C driver", "Rust driver")]
