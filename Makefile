@@ -16,6 +16,7 @@
 #   KERNEL=6.12|7.3 with any target: the guest kernel (default 6.12)
 #   make faults     DRIVER=rust|c: hostile device and production paths
 #   make soak       DRIVER=rust: the same with 10^6 packets, 1000 reloads
+#   make scenarios  DRIVER=rust|c: sibling routing, loopback, vsockmon, real clients
 #   make check      every test the project has (what CI runs)
 #
 # Build artefacts go to $(VSOCK_RS_CACHE), default ~/.cache/virtio_vsock_rs.
@@ -51,7 +52,7 @@ LINTDIR = $(VSOCK_RS_CACHE)/module/lint-$(KERNEL)
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
 .PHONY: lint rustfmtcheck rustdoc patches run shell module modules extras all setup qemu kernel kernel-debug kernel-perf kernel-builtin initramfs device \
-	vsock-tests vmtest vmtest-selftest faults soak bench check device-test clean help
+	vsock-tests vmtest vmtest-selftest faults soak scenarios bench check device-test clean help
 
 all: help
 
@@ -143,6 +144,17 @@ FAULTS_ARGS ?=
 faults soak: initramfs device extras
 	@tools/faults.py --kernel $(FLAVOUR) --driver $(DRIVER) --peer $(PEER) \
 		$(if $(filter soak,$@),--soak) $(FAULTS_ARGS)
+
+# The scenarios (tools/scenarios.py): the uses vsock was made for, with the
+# tools people use (Documentation/scenarios.rst). tools/build-scenarios.sh
+# adds their programs and modules as an archive of their own. PEER defaults
+# to c here, as for the fault suite; SCENARIOS_ARGS adds options, e.g.
+# SCENARIOS_ARGS='--only vsockmon --json rust.json'.
+SCENARIOS_ARGS ?=
+scenarios: initramfs device extras
+	@tools/build-scenarios.sh $(FLAVOUR)
+	@tools/scenarios.py --kernel $(FLAVOUR) --driver $(DRIVER) \
+		$(if $(filter command line,$(origin PEER)),--peer $(PEER)) $(SCENARIOS_ARGS)
 
 # The benchmark (tools/bench.py) on the perf kernel: second configuration
 # over the first, beside a copy of the first (the noise floor). BENCH_ARGS
