@@ -44,8 +44,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 		die "apt-get install ${missing[*]} failed"
 fi
 
-# Programs: /sbin/ip comes before busybox's applet of the same name (busybox
-# --install does not replace a file that exists).
+# Programs. iproute2's ip goes to /usr/lib/scenarios/bin, which the
+# scenarios put first on PATH: busybox's ip applet (which cannot add a
+# vsockmon link) is installed as /bin/ip by the guest init.
 PY=/usr/bin/python3.11
 BINS=(/usr/bin/tcpdump /usr/bin/ncat /usr/bin/socat "$PY")
 seeds=$TOP/tools/seeds
@@ -56,8 +57,8 @@ mkdir -p "$CACHE/scenarios" "$CACHE/initramfs"
 if [ "$(cat "$ucpio.key" 2>/dev/null)" != "$ukey" ] || [ ! -f "$ucpio" ]; then
 	root=$(mktemp -d)
 	trap 'rm -rf "$root"' EXIT
-	mkdir -p "$root"/{sbin,usr/bin,usr/lib/scenarios}
-	cp /usr/sbin/ip "$root/sbin/ip"
+	mkdir -p "$root"/{usr/bin,usr/lib/scenarios/bin}
+	cp /usr/sbin/ip "$root/usr/lib/scenarios/bin/ip"
 	for b in "${BINS[@]}"; do cp "$b" "$root$b"; done
 	ln -s python3.11 "$root/usr/bin/python3"
 	# tcpdump looks up the user it runs as (-Z root).
