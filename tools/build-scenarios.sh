@@ -44,9 +44,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 		die "apt-get install ${missing[*]} failed"
 fi
 
-# Programs. iproute2's ip goes to /usr/lib/scenarios/bin, which the
-# scenarios put first on PATH: busybox's ip applet (which cannot add a
-# vsockmon link) is installed as /bin/ip by the guest init.
+# Programs. iproute2's ip goes to /usr/lib/scenarios/bin and is called by
+# that path: busybox's ip applet cannot add a vsockmon link, and the guest's
+# busybox sh runs its applets before anything on PATH.
 PY=/usr/bin/python3.11
 BINS=(/usr/bin/tcpdump /usr/bin/ncat /usr/bin/socat "$PY")
 seeds=$TOP/tools/seeds
