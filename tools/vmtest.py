@@ -69,23 +69,25 @@ QEMU_ROOT = os.path.join(CACHE, "qemu-trixie")
 # vsock_test cases that fail on a kernel whatever the transport (the C
 # driver too), from its socket core or from the test bed: skipped there, the skip and its reason
 # printed. By kernel version, then by the name `vsock_test --list` gives.
-# vsock_test 40 fails with C/C on both kernels on this bed, so the bed (the
-# device's forwarding or TCG's pace) is the suspect, not the drivers.
+# vsock_test 40 moves 2 MiB in 129-512-byte packets through one recv_buf(),
+# which vsock_test bounds by its 10 s TIMEOUT: too little for the debug
+# guests (KASAN, lockdep, kmemleak) under TCG, with either driver. On the
+# perf kernel it passes in about 1 s (C/C, Rust/C, Rust/Rust on 6.12), so it
+# is skipped on the other flavours only (SLOW_BED_LIMITS).
 BACKPRESSURE_LIMIT = (
-    "fails with the C driver too, on 6.12 and on 7.3 (both role assignments: "
-    "the connection is reset, send: Broken pipe); 7.3 has the receive-queue "
-    "collapsing the test checks, so the test bed is the suspect; cause not "
-    "yet found")
+    "too slow on this bed: the debug guest under TCG does not receive 2 MiB "
+    "of 129-512-byte packets within vsock_test's 10 s TIMEOUT, with the C "
+    "driver either (the client sees send: Broken pipe); it passes on the "
+    "perf kernel in about 1 s")
+SLOW_BED_LIMITS = {
+    "SOCK_STREAM small packets backpressure": BACKPRESSURE_LIMIT,
+}
 KNOWN_LIMITS = {
     "6.12": {
         "SOCK_STREAM SO_LINGER close() on unread":
             "known 6.12 limit: its socket core lingers on close() until the "
             "peer has read everything (7.x's vsock_linger() waits for unsent "
             "bytes only); fails with the C driver too",
-        "SOCK_STREAM small packets backpressure": BACKPRESSURE_LIMIT,
-    },
-    "7.3": {
-        "SOCK_STREAM small packets backpressure": BACKPRESSURE_LIMIT,
     },
 }
 
@@ -809,6 +811,8 @@ def run_suite(args, res):
                     res.skip(name, "skipped by --skip")
                     continue
                 limit = KNOWN_LIMITS.get(args.kernel_version, {}).get(tname)
+                if args.kernel != "perf":
+                    limit = limit or SLOW_BED_LIMITS.get(tname)
                 if limit and not args.known_limits:
                     res.skip(name, limit)
                     continue
@@ -1028,8 +1032,9 @@ def parse_args(argv=None):
     p.add_argument("--skip", type=int, action="append", default=[],
                    help="skip this vsock_test id (repeatable)")
     p.add_argument("--known-limits", action="store_true",
-                   help="run the tests KNOWN_LIMITS skips on this kernel too "
-                   "(to see whether a limit still holds)")
+                   help="run the tests skipped as known limits too "
+                   "(KNOWN_LIMITS, SLOW_BED_LIMITS), to see whether one "
+                   "still holds")
     p.add_argument("--one-way", action="store_true",
                    help="only the first role assignment")
     p.add_argument("--diag", action="store_true",
