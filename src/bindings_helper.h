@@ -48,9 +48,14 @@ struct virtio_device *vsock_rs_dev_to_virtio(struct device *dev);
 
 /* sk_buff */
 void vsock_rs_kfree_skb(struct sk_buff *skb);
+struct vsock_rs_page_pool;
+struct vsock_rs_page_pool *vsock_rs_page_pool_new(unsigned int max, gfp_t gfp);
+void vsock_rs_page_pool_free(struct vsock_rs_page_pool *pool);
 struct sk_buff *vsock_rs_alloc_rx_skb(unsigned int linear, unsigned int frags,
-				      gfp_t mask);
-int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len);
+				      gfp_t mask,
+				      struct vsock_rs_page_pool *pool);
+int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len,
+			struct vsock_rs_page_pool *pool);
 unsigned int vsock_rs_rx_buf_size_param(void);
 struct virtio_vsock_hdr *vsock_rs_skb_hdr(struct sk_buff *skb);
 unsigned int vsock_rs_skb_tailroom(struct sk_buff *skb);

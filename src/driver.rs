@@ -15,7 +15,7 @@
 use crate::{
     kext::{self, debugfs, flush_work, new_try_mutex, RcuArc, TryMutex, WorkQueue},
     protocol::{self as proto, Counter, Event},
-    skb::{Gfp, SkBuff, SkbQueue},
+    skb::{Gfp, PagePool, SkBuff, SkbQueue},
     virtio::{self, AddOutError, Device, SgTable, Virtqueue},
     vsock::{self, Transport, VsockSock},
 };
@@ -50,6 +50,12 @@ static CLAIMED: AtomicBool = AtomicBool::new(false);
 
 /// Most rx packets handled by one run of the rx work before it yields.
 const RX_BUDGET: u32 = 256;
+
+/// Spare fragment pages kept for the next rx refill at most (their array
+/// fits a 4 KiB allocation). Between two refills a ring of 128 entries with
+/// 64 KiB buffers consumes at most 30 buffers of 16 fragment pages; beyond
+/// this the pages go back to the page allocator.
+const RX_POOL_PAGES: u32 = 480;
 
 /// Pause before the rx work tries again to post buffers after a refill that
 /// left none posted.
@@ -93,6 +99,10 @@ struct RxState {
     buf_max_nr: u32,
     /// Most buffers posted at once: the memory bound of [`proto::RxLayout::max_bufs`].
     bufs_limit: u32,
+    /// Fragment pages of consumed buffers that their payload did not reach,
+    /// for the next refill: at most `bufs_limit` buffers' worth, so posted and
+    /// spare pages together stay within the bound.
+    pool: PagePool,
 }
 
 struct TxState {
@@ -235,7 +245,7 @@ impl Vsock {
     fn rx_fill(&self, rx: &mut RxState) -> bool {
         let mut out_of_memory = false;
         while rx.buf_nr < rx.bufs_limit {
-            let Some(skb) = SkBuff::alloc_rx(self.rx_layout, Gfp::Kernel) else {
+            let Some(skb) = SkBuff::alloc_rx(self.rx_layout, Gfp::Kernel, &mut rx.pool) else {
                 self.stats.inc(Counter::RxRefillFailures);
                 out_of_memory = true;
                 break;
@@ -260,7 +270,13 @@ impl Vsock {
     }
 
     /// Validates a used rx buffer and hands it to the common code.
-    fn rx_one(&self, vq: &mut Virtqueue<SkBuff>, mut skb: SkBuff, used_len: u32) {
+    fn rx_one(
+        &self,
+        vq: &mut Virtqueue<SkBuff>,
+        pool: &mut PagePool,
+        mut skb: SkBuff,
+        used_len: u32,
+    ) {
         let validate = |skb: &SkBuff| {
             proto::validate_rx(
                 used_len,
@@ -279,11 +295,11 @@ impl Vsock {
         }
         let hdr = match verdict {
             Ok(hdr) => hdr,
-            Err(reason) => return self.rx_rejected(skb, reason),
+            Err(reason) => return self.rx_rejected(skb, reason, pool),
         };
         // Cannot fail: `validate_rx` checked the payload fits in the buffer.
         if skb
-            .rx_put(self.rx_layout.linear, hdr.payload_len())
+            .rx_put(self.rx_layout.linear, hdr.payload_len(), pool)
             .is_err()
         {
             self.stats
@@ -299,7 +315,7 @@ impl Vsock {
     /// Counts a packet that failed validation, shows it to the vsockmon taps,
     /// and hands it to the common code if C would answer it
     /// ([`proto::answer_rejected`]); drops it otherwise.
-    fn rx_rejected(&self, mut skb: SkBuff, reason: proto::DropReason) {
+    fn rx_rejected(&self, mut skb: SkBuff, reason: proto::DropReason, pool: &mut PagePool) {
         self.stats.inc(Counter::RxDropped(reason));
         let answer = proto::answer_rejected(reason, skb.hdr(), self.guest_cid());
         // The taps copy the header's `len` bytes: give them the payload only
@@ -311,7 +327,7 @@ impl Vsock {
             _ => proto::Hdr::parse(skb.hdr()).map(|h| h.len),
         };
         match payload {
-            Some(len) if skb.rx_put(self.rx_layout.linear, len).is_ok() => (),
+            Some(len) if skb.rx_put(self.rx_layout.linear, len, pool).is_ok() => (),
             _ => skb.clear_hdr_len(),
         }
         vsock::deliver_tap(&skb);
@@ -348,7 +364,7 @@ impl Vsock {
                 };
                 budget -= 1;
                 rx.buf_nr = rx.buf_nr.saturating_sub(1);
-                self.rx_one(&mut rx.vq, skb, len);
+                self.rx_one(&mut rx.vq, &mut rx.pool, skb, len);
             }
             if rx.vq.enable_cb() {
                 break;
@@ -670,6 +686,7 @@ impl Vsock {
         self.queued_replies.store(0, Relaxed);
         let sg = SgTable::new()?;
         let rx_sg = SgTable::new()?;
+        let pool = PagePool::new(RX_POOL_PAGES, Gfp::Kernel)?;
         let mut events = KVec::with_capacity(proto::EVENT_BUFS, GFP_KERNEL)?;
         for _ in 0..proto::EVENT_BUFS {
             events.push(KBox::new([0u8; proto::EVENT_SIZE], GFP_KERNEL)?, GFP_KERNEL)?;
@@ -704,6 +721,7 @@ impl Vsock {
                 buf_nr: 0,
                 buf_max_nr: 0,
                 bufs_limit,
+                pool,
             });
             self.rx_fill(rx);
         }

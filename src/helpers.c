@@ -56,20 +56,87 @@ void vsock_rs_kfree_skb(struct sk_buff *skb)
 }
 
 /*
+ * Spare order-0 pages for rx fragments. A received payload shorter than its
+ * buffer leaves fragment pages nobody reads: vsock_rs_skb_rx_put() keeps
+ * them here and vsock_rs_alloc_rx_skb() hangs them on the next buffer, so a
+ * stream of small packets does not free and allocate 16 pages per packet.
+ * The pool only holds pages of buffers consumed since the last refill, so
+ * posted and spare pages together stay within what the ring may hold.
+ * Only the rx path uses a pool, under the device's rx lock.
+ */
+struct vsock_rs_page_pool {
+	unsigned int nr;
+	unsigned int max;
+	struct page *pages[];
+};
+
+struct vsock_rs_page_pool *vsock_rs_page_pool_new(unsigned int max, gfp_t gfp)
+{
+	struct vsock_rs_page_pool *pool;
+
+	pool = kmalloc(struct_size(pool, pages, max), gfp);
+	if (!pool)
+		return NULL;
+	pool->nr = 0;
+	pool->max = max;
+	return pool;
+}
+
+void vsock_rs_page_pool_free(struct vsock_rs_page_pool *pool)
+{
+	while (pool->nr)
+		put_page(pool->pages[--pool->nr]);
+	kfree(pool);
+}
+
+static struct page *page_pool_get(struct vsock_rs_page_pool *pool, gfp_t gfp)
+{
+	if (pool->nr)
+		return pool->pages[--pool->nr];
+	return alloc_page(gfp);
+}
+
+/* Keeps a page only if nothing else holds it and it is an ordinary one. */
+static void page_pool_put(struct vsock_rs_page_pool *pool, struct page *page)
+{
+	if (pool->nr < pool->max && page_ref_count(page) == 1 &&
+	    !page_is_pfmemalloc(page))
+		pool->pages[pool->nr++] = page;
+	else
+		put_page(page);
+}
+
+/*
  * An rx buffer: a linear part of linear bytes (header included), as
  * virtio_vsock_alloc_linear_skb(), then frags bytes in order-0 pages hung as
- * fragments (alloc_skb_with_frags() with order 0 sets neither len nor
- * data_len: vsock_rs_skb_rx_put() does once the device has written).
+ * fragments, from the pool first (as alloc_skb_with_frags() with order 0,
+ * setting neither len nor data_len: vsock_rs_skb_rx_put() does once the
+ * device has written).
  */
 struct sk_buff *vsock_rs_alloc_rx_skb(unsigned int linear, unsigned int frags,
-				      gfp_t mask)
+				      gfp_t mask,
+				      struct vsock_rs_page_pool *pool)
 {
 	struct sk_buff *skb;
-	int err;
+	int i = 0;
 
-	skb = alloc_skb_with_frags(linear, frags, 0, &err, mask);
+	if (DIV_ROUND_UP(frags, PAGE_SIZE) > MAX_SKB_FRAGS)
+		return NULL;
+	skb = alloc_skb(linear, mask);
 	if (!skb)
 		return NULL;
+	while (frags) {
+		unsigned int chunk = min_t(unsigned int, frags, PAGE_SIZE);
+		struct page *page = page_pool_get(pool, mask);
+
+		if (!page) {
+			kfree_skb(skb);
+			return NULL;
+		}
+		skb_fill_page_desc(skb, i++, page, 0, chunk);
+		skb->truesize += PAGE_SIZE;
+		frags -= chunk;
+	}
 	skb_reserve(skb, VIRTIO_VSOCK_SKB_HEADROOM);
 	return skb;
 }
@@ -77,21 +144,30 @@ struct sk_buff *vsock_rs_alloc_rx_skb(unsigned int linear, unsigned int frags,
 /*
  * The device wrote len payload bytes after the header, into the linear
  * room of linear bytes (as posted) and then the fragments: make them the
- * skb's data and free the fragments past them, so that a payload that fits
- * the linear room leaves a linear skb (the common code coalesces only
- * those).
+ * skb's data, give the fragments past them to the pool, and trim the rest,
+ * so that a payload that fits the linear room leaves a linear skb (the
+ * common code coalesces only those).
  */
-int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len)
+int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len,
+			struct vsock_rs_page_pool *pool)
 {
 	struct skb_shared_info *shinfo = skb_shinfo(skb);
-	u32 frags = 0;
-	int i;
+	u32 frags = 0, reach = linear;
+	int i, keep = 0;
 
 	for (i = 0; i < shinfo->nr_frags; i++)
 		frags += skb_frag_size(&shinfo->frags[i]);
 	if (skb->len || skb->data_len || linear > skb_tailroom(skb) ||
 	    len > linear + frags)
 		return -EINVAL;
+	while (keep < shinfo->nr_frags && reach < len)
+		reach += skb_frag_size(&shinfo->frags[keep++]);
+	for (i = shinfo->nr_frags - 1; i >= keep; i--) {
+		frags -= skb_frag_size(&shinfo->frags[i]);
+		page_pool_put(pool, skb_frag_page(&shinfo->frags[i]));
+		skb->truesize -= PAGE_SIZE;
+	}
+	shinfo->nr_frags = keep;
 	skb_put(skb, linear);
 	skb->data_len = frags;
 	skb->len += frags;

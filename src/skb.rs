@@ -102,15 +102,16 @@ unsafe impl Send for SkBuff {}
 impl SkBuff {
     /// Allocates an rx buffer laid out as `layout`: a linear part with the
     /// header and `layout.linear` payload bytes, then `layout.frags` bytes in
-    /// order-0 pages.
+    /// order-0 pages, taken from `pool` first.
     ///
     /// As `virtio_vsock_alloc_linear_skb()` plus the zeroing of the header in
     /// `virtio_vsock_rx_fill()`, with fragments when the layout has them.
-    pub(crate) fn alloc_rx(layout: RxLayout, gfp: Gfp) -> Option<Self> {
+    pub(crate) fn alloc_rx(layout: RxLayout, gfp: Gfp, pool: &mut PagePool) -> Option<Self> {
         let linear = HDR_SIZE_U32.checked_add(layout.linear)?;
-        // SAFETY: No precondition.
+        // SAFETY: By the type invariant of `PagePool` the pool is valid, and `&mut` makes this
+        // its only user.
         let skb = NonNull::new(unsafe {
-            bindings::vsock_rs_alloc_rx_skb(linear, layout.frags, gfp.as_raw())
+            bindings::vsock_rs_alloc_rx_skb(linear, layout.frags, gfp.as_raw(), pool.as_ptr())
         })?;
         // SAFETY: The buffer was just allocated with a linear part of `linear >= HDR_SIZE`
         // bytes from its head.
@@ -150,16 +151,55 @@ impl SkBuff {
     /// buffer's data, for a buffer posted with `linear` bytes of linear room
     /// ([`Virtqueue::add_skb_in`](crate::virtio::Virtqueue::add_skb_in)).
     ///
-    /// Fragments past `len` are freed, so a payload that fits the linear room
-    /// leaves a linear buffer, as the common code's coalescing of small
-    /// packets needs (`virtio_vsock_skb_put()`, with fragments).
+    /// Fragments past `len` go to `pool` (or are freed if it is full), so a
+    /// payload that fits the linear room leaves a linear buffer, as the common
+    /// code's coalescing of small packets needs (`virtio_vsock_skb_put()`,
+    /// with fragments).
     ///
     /// # Errors
     ///
     /// `EINVAL` if the buffer already has data or `len` does not fit.
-    pub(crate) fn rx_put(&mut self, linear: u32, len: u32) -> Result {
-        // SAFETY: By the type invariant the buffer is valid and ours.
-        to_result(unsafe { bindings::vsock_rs_skb_rx_put(self.as_ptr(), linear, len) })
+    pub(crate) fn rx_put(&mut self, linear: u32, len: u32, pool: &mut PagePool) -> Result {
+        // SAFETY: By the type invariants the buffer is valid and ours and the pool valid; `&mut`
+        // makes this the pool's only user.
+        to_result(unsafe {
+            bindings::vsock_rs_skb_rx_put(self.as_ptr(), linear, len, pool.as_ptr())
+        })
+    }
+}
+
+/// Spare order-0 pages for the fragments of rx buffers (`struct vsock_rs_page_pool`).
+///
+/// [`SkBuff::rx_put`] keeps the fragment pages a short payload leaves unused
+/// and [`SkBuff::alloc_rx`] takes them before asking the page allocator. The
+/// pages are freed when the pool is dropped.
+///
+/// # Invariants
+///
+/// `.0` was returned by `vsock_rs_page_pool_new()` and is freed only on drop.
+pub(crate) struct PagePool(NonNull<bindings::vsock_rs_page_pool>);
+
+// SAFETY: The pool holds pages and nothing tied to a thread; `&mut` serialises its users.
+unsafe impl Send for PagePool {}
+
+impl PagePool {
+    /// Returns an empty pool that keeps at most `max` pages.
+    pub(crate) fn new(max: u32, gfp: Gfp) -> Result<Self> {
+        // SAFETY: No precondition.
+        let pool = unsafe { bindings::vsock_rs_page_pool_new(max, gfp.as_raw()) };
+        // INVARIANT: Returned by `vsock_rs_page_pool_new()`, when not null.
+        NonNull::new(pool).map(Self).ok_or(ENOMEM)
+    }
+
+    fn as_ptr(&mut self) -> *mut bindings::vsock_rs_page_pool {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for PagePool {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariant the pool is valid, and dropping it is its last use.
+        unsafe { bindings::vsock_rs_page_pool_free(self.0.as_ptr()) };
     }
 }
 
