@@ -1180,13 +1180,7 @@ def main():
             json.dump({"driver": args.driver, "peer": args.peer,
                        "kernel": args.kernel_version, "verdicts": verdicts,
                        "notes": notes}, f, indent=1)
-    log(f"logs in {vargs.workdir}; {time.monotonic() - t0:.0f} s")
-    if res.failures:
-        log("failures:")
-        for f in res.failures:
-            log(f"  {f}")
-    log(f"{res.passed} passed, {res.failed} failed, {res.skipped} skipped")
-    sys.exit(1 if res.failed else 0)
+    res.finish(vargs.workdir, t0)
 
 
 if __name__ == "__main__":

@@ -662,6 +662,20 @@ class Results:
         self.skipped += 1
         log(f"  skip  {name}: {why}")
 
+    def finish(self, workdir, t0):
+        """Print the failures and the closing counts line, and exit with 1
+        if anything failed (every runner ends this way)."""
+        log(f"logs in {workdir}; {time.monotonic() - t0:.0f} s")
+        if self.flaky:
+            log(f"flaky (passed on retry): {', '.join(self.flaky)}")
+        if self.failures:
+            log("failures:")
+            for f in self.failures:
+                log(f"  {f}")
+        log(f"{self.passed} passed, {self.failed} failed, "
+            f"{self.skipped} skipped")
+        sys.exit(1 if self.failed else 0)
+
 
 def vsock_test_cmd(binary, mode, peer_cid, server_cid, ctl_port, peer_port,
                    only, ntests):
@@ -1131,15 +1145,7 @@ def main():
         res.fail("runner", str(e))
     except KeyboardInterrupt:
         res.fail("runner", "interrupted")
-    log(f"logs in {args.workdir}; {time.monotonic() - t0:.0f} s")
-    if res.flaky:
-        log(f"flaky (passed on retry): {', '.join(res.flaky)}")
-    if res.failures:
-        log("failures:")
-        for f in res.failures:
-            log(f"  {f}")
-    log(f"{res.passed} passed, {res.failed} failed, {res.skipped} skipped")
-    sys.exit(1 if res.failed else 0)
+    res.finish(args.workdir, t0)
 
 
 if __name__ == "__main__":
