@@ -488,14 +488,17 @@ def case_parallel(sc):
     # Each client's input ends only when the FIFO `go` is opened for
     # writing and closed again (a reader blocks in open() until then, with
     # no CPU spent: polling a file in 100 shells starved the TCG guest):
-    # after every connection is open. The clients start 0.3 s apart, and one whose
+    # after every connection is open. One cat reads both files: a subshell
+    # `(cat $i; cat go >/dev/null)` execs its last command with stdout on
+    # /dev/null, so the pipe closed after the 16 KiB and every client shut
+    # down at once (the device log showed it). The clients start 0.3 s apart, and one whose
     # connect times out (vsock's default 2 s, short for a TCG guest forking
     # a cat per connection) tries again: socat reads nothing before it is
     # connected.
     cli = sc.g(3).run(
         f"rm -rf {d}; mkdir {d}; mkfifo {d}/go; for i in $(seq {n}); do "
         f"head -c 16384 /dev/urandom >{d}/$i; done; "
-        f"for i in $(seq {n}); do ( (cat {d}/$i; cat {d}/go >/dev/null) | "
+        f"for i in $(seq {n}); do ( cat {d}/$i {d}/go | "
         f"(for t in 1 2 3 4 5; do socat -t 120 - "
         f"VSOCK-CONNECT:4:{port} && exit 0; sleep 1; done; exit 1) "
         f">{d}/$i.out && cmp -s {d}/$i {d}/$i.out && echo \"conn $i ok\" "
