@@ -16,7 +16,7 @@ The cases (--list):
 - loopback.*: VMADDR_CID_LOCAL echoes inside guest 3 beside the driver, and
   neither the device's packet log nor the driver's counters see any of it.
 - clients.*: socat, ncat, the seeds' Python and C programs, unchanged;
-  100 MiB each way with a SHA-256, 100 connections open at once, and the
+  100 MiB (--bulk-mib) each way with a SHA-256, 100 connections open at once, and the
   host through the device's Unix socket (CONNECT <port>).
 - vsockmon.*: a scripted exchange captured by tcpdump on vsockmon0 in
   guest 3; every packet once, in order, with the op, length, ports and CIDs
@@ -199,6 +199,7 @@ class Scenarios:
     def __init__(self, args, vargs):
         self.args = args
         self.vargs = vargs
+        self.bulk = args.bulk_mib * MIB
         self.mod = vmtest.DRIVERS[args.driver]
         self.bed = None
         self.ctl = faults.Control(os.path.join(vargs.workdir, "control.sock"))
@@ -459,7 +460,7 @@ def case_loopback(kind):
 def case_socat_bulk(src, dst):
     def run(sc):
         port = sc.next_port()
-        transfer(sc, src, dst, 100 * MIB, f"socat -u -b 65536 VSOCK-LISTEN:{port} -",
+        transfer(sc, src, dst, sc.bulk, f"socat -u -b 65536 VSOCK-LISTEN:{port} -",
                  f"socat -u -b 65536 - VSOCK-CONNECT:{dst}:{port}", "socat",
                  f"socat {src}->{dst}")
     return run
@@ -468,7 +469,7 @@ def case_socat_bulk(src, dst):
 def case_ncat_bulk(src, dst):
     def run(sc):
         port = sc.next_port()
-        transfer(sc, src, dst, 100 * MIB,
+        transfer(sc, src, dst, sc.bulk,
                  f"ncat --vsock -l --recv-only {port}",
                  f"ncat --vsock --send-only {dst} {port}", "ncat",
                  f"ncat {src}->{dst}")
@@ -652,8 +653,8 @@ def host_connect(sc, port, timeout=60):
 
 
 def case_host_to_guest(sc):
-    """The host (Python) sends 100 MiB to socat in guest 3."""
-    port, size = sc.next_port(), 100 * MIB
+    """The host (Python) sends --bulk-mib MiB to socat in guest 3."""
+    port, size = sc.next_port(), sc.bulk
     rcv = sc.listener(3, recv_cmd(f"socat -u -b 65536 VSOCK-LISTEN:{port} -", port),
                       "socat")
     s, ok = host_connect(sc, port)
@@ -677,8 +678,8 @@ def case_host_to_guest(sc):
 
 
 def case_guest_to_host(sc):
-    """socat in guest 3 sends 100 MiB to the host (CID 2)."""
-    port, size = sc.next_port(), 100 * MIB
+    """socat in guest 3 sends --bulk-mib MiB to the host (CID 2)."""
+    port, size = sc.next_port(), sc.bulk
     h = HostListener(sc, port)
     t0 = time.monotonic()
     rc, sent = sc.sh(3, send_cmd(size, f"socat -u -b 65536 - VSOCK-CONNECT:2:{port}",
@@ -1037,13 +1038,13 @@ def cases():
                 (f"clients.seed_{lang}.to_host", case_seed_to_host(lang))]
     out += [
         ("clients.seed_c.from_host", case_host_to_seed),
-        ("clients.socat_100MiB.3to4", case_socat_bulk(3, 4)),
-        ("clients.socat_100MiB.4to3", case_socat_bulk(4, 3)),
-        ("clients.ncat_100MiB.3to4", case_ncat_bulk(3, 4)),
-        ("clients.ncat_100MiB.4to3", case_ncat_bulk(4, 3)),
+        ("clients.socat_bulk.3to4", case_socat_bulk(3, 4)),
+        ("clients.socat_bulk.4to3", case_socat_bulk(4, 3)),
+        ("clients.ncat_bulk.3to4", case_ncat_bulk(3, 4)),
+        ("clients.ncat_bulk.4to3", case_ncat_bulk(4, 3)),
         ("clients.socat_100_parallel", case_parallel),
-        ("clients.host_100MiB.to_guest", case_host_to_guest),
-        ("clients.host_100MiB.from_guest", case_guest_to_host),
+        ("clients.host_bulk.to_guest", case_host_to_guest),
+        ("clients.host_bulk.from_guest", case_guest_to_host),
         ("vsockmon.exchange", case_vsockmon),
     ]
     for kind in ("stream", "seqpacket"):
@@ -1122,6 +1123,9 @@ def parse_args():
                    help="run the cases whose name matches (glob or "
                    "substring; repeatable); no kmemleak scan at the end")
     p.add_argument("--list", action="store_true", help="list the cases")
+    p.add_argument("--bulk-mib", type=int, default=100, metavar="N",
+                   help="MiB each bulk transfer moves (default 100; make "
+                   "check uses less to fit its time)")
     p.add_argument("--json", help="write verdicts and notes to this file")
     p.add_argument("--workdir")
     p.add_argument("--boot-timeout", type=int, default=600)
@@ -1141,6 +1145,8 @@ def on_sigterm(signum, frame):
 def main():
     signal.signal(signal.SIGTERM, on_sigterm)
     args = parse_args()
+    if args.bulk_mib < 1:
+        sys.exit("error: --bulk-mib must be at least 1 (MiB per transfer)")
     if args.list:
         for name, fn in cases():
             print(name)
