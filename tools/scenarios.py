@@ -1111,14 +1111,7 @@ def run_all(args, vargs, res):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--driver", default="rust", choices=sorted(vmtest.DRIVERS),
-                   help="driver under test in guest 3 (default rust)")
-    p.add_argument("--peer", default="c", choices=sorted(vmtest.DRIVERS),
-                   help="driver in guest 4 (default c)")
-    p.add_argument("--kernel", default="debug", help="kernel flavour")
-    p.add_argument("--kernel-version", choices=("6.12", "7.3"),
-                   default=os.environ.get("KERNEL") or "6.12",
-                   help="guest kernel (default $KERNEL, else 6.12)")
+    vmtest.add_pair_args(p)
     p.add_argument("--only", action="append", metavar="PATTERN",
                    help="run the cases whose name matches (glob or "
                    "substring; repeatable); no kmemleak scan at the end")

@@ -996,6 +996,19 @@ def selftest(args, res):
     bed.stop()
 
 
+def add_pair_args(p):
+    """The options of the suites that pair a driver under test (guest 3)
+    with a peer (guest 4) on a debug kernel: faults.py, scenarios.py."""
+    p.add_argument("--driver", default="rust", choices=sorted(DRIVERS),
+                   help="driver under test in guest 3 (default rust)")
+    p.add_argument("--peer", default="c", choices=sorted(DRIVERS),
+                   help="driver in guest 4 (default c)")
+    p.add_argument("--kernel", default="debug", help="kernel flavour")
+    p.add_argument("--kernel-version", choices=("6.12", "7.3"),
+                   default=os.environ.get("KERNEL") or "6.12",
+                   help="guest kernel (default $KERNEL, else 6.12)")
+
+
 def add_front_args(p):
     """The options that choose how the vsock device reaches the guests."""
     p.add_argument("--front", choices=FRONTS,
