@@ -27,14 +27,9 @@ kdir=$CACHE/kernel/$name
 # for a guest of 512 MiB that holds its initramfs in RAM).
 PKGS=(iproute2 tcpdump ncat socat python3-minimal libpython3.11-stdlib
 	gcc libc6-dev tshark)
-missing=()
-for p in "${PKGS[@]}"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
-		missing+=("$p")
-done
+mapfile -t missing < <(missing_debs "${PKGS[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
-	[ "$(id -u)" = 0 ] || die "missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
-	msg "installing Debian packages: ${missing[*]}"
+	need_root_for_debs "${missing[@]}"
 	export DEBIAN_FRONTEND=noninteractive
 	# tshark asks whether non-root users may capture: they may not.
 	echo "wireshark-common wireshark-common/install-setuid boolean false" |

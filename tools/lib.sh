@@ -66,6 +66,22 @@ inputs_hash() {
 	} | sha256sum | cut -c1-16
 }
 
+# missing_debs PKG...: print the packages that are not installed.
+missing_debs() {
+	local p
+	for p; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+			printf '%s\n' "$p"
+	done
+}
+
+# need_root_for_debs PKG...: installing PKG... needs root; say so and stop
+# if we are not, else announce it.
+need_root_for_debs() {
+	[ "$(id -u)" = 0 ] || die "missing Debian packages: $*; run as root or: sudo apt-get install $*"
+	msg "installing Debian packages: $*"
+}
+
 jobs() { nproc 2>/dev/null || echo 2; }
 
 # The first Debian archive the host's apt sources list for its own release

@@ -60,14 +60,9 @@ add_suite() {
 		die "apt-get update of $suite from $mirror failed: does the mirror serve $suite?"
 }
 
-missing=()
-for p in "${DEB_PKGS[@]}" "${src_pkgs[@]}"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
-		missing+=("$p")
-done
+mapfile -t missing < <(missing_debs "${DEB_PKGS[@]}" "${src_pkgs[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
-	[ "$(id -u)" = 0 ] || die "missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
-	msg "installing Debian packages: ${missing[*]}"
+	need_root_for_debs "${missing[@]}"
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -q >/dev/null || die "apt-get update failed: check the Debian mirror in /etc/apt/sources.list"
 	for s in "${suites[@]+"${suites[@]}"}"; do
