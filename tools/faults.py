@@ -742,6 +742,9 @@ def case_event_reset(fx, case):
         raise Problem("a connected socket in guest 3 saw nothing of the reset")
     if rc3 == 0:
         raise Problem("the connection in guest 3 survived a transport reset")
+    # ECONNRESET from the call, or ENOTCONN with ECONNRESET left in
+    # SO_ERROR ("pending socket error: ..."), when the call was not waiting
+    # as the reset came.
     reset_seen = re.search(r"reset|os error 104", out3, re.I)
     fx.note(case.name, "guest 3 client: " + out3.strip().splitlines()[-1])
     rc4 = long4.wait(60)

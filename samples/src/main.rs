@@ -30,7 +30,7 @@
 
 mod vsock;
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -147,9 +147,22 @@ fn fill(buf: &mut [u8], msg: u64) {
 /// Sends message `i` from `out` and reads its echo into `back`, unchecked.
 fn round_trip(sock: &Socket, i: u64, out: &[u8], back: &mut [u8]) -> Result<(), String> {
     sock.send_all(out)
-        .map_err(|e| format!("send message {i}: {e}"))?;
+        .map_err(|e| io_failed(sock, format!("send message {i}"), e))?;
     sock.recv_exact(back)
-        .map_err(|e| format!("receive message {i}: {e}"))
+        .map_err(|e| io_failed(sock, format!("receive message {i}"), e))
+}
+
+/// The message for a failed send or receive: what failed, the error, and
+/// the socket's pending error if it has another one (after a transport
+/// reset a call may fail with `ENOTCONN` while `SO_ERROR` holds the
+/// `ECONNRESET`).
+fn io_failed(sock: &Socket, what: String, e: io::Error) -> String {
+    match sock.take_error() {
+        Ok(Some(pending)) if pending.raw_os_error() != e.raw_os_error() => {
+            format!("{what}: {e}; pending socket error: {pending}")
+        }
+        _ => format!("{what}: {e}"),
+    }
 }
 
 /// Checks that the echo `back` of message `i` equals what was sent, `out`.

@@ -230,6 +230,27 @@ impl Socket {
         Ok(addr)
     }
 
+    /// Takes the socket's pending error (`SO_ERROR`), if it has one.
+    ///
+    /// A transport reset sets `ECONNRESET` there; a call that was not
+    /// waiting when the reset came fails with `ENOTCONN` and leaves it
+    /// pending (the core checks the state before the error).
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        let mut err: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `err` and `len` are valid for writes and `len` is the size of `err`.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.raw(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+    }
+
     /// Sets the connect, send and receive timeouts; `None` means no timeout.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         let tv = match timeout {
