@@ -56,6 +56,8 @@ struct sk_buff *vsock_rs_alloc_rx_skb(unsigned int linear, unsigned int frags,
 				      struct vsock_rs_page_pool *pool);
 int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len,
 			struct vsock_rs_page_pool *pool);
+void vsock_rs_skb_free_to_pool(struct sk_buff *skb,
+			       struct vsock_rs_page_pool *pool);
 unsigned int vsock_rs_rx_buf_size_param(void);
 struct virtio_vsock_hdr *vsock_rs_skb_hdr(struct sk_buff *skb);
 unsigned int vsock_rs_skb_tailroom(struct sk_buff *skb);

@@ -334,6 +334,8 @@ impl Vsock {
         if answer {
             self.stats.inc(Counter::RxAnswered);
             TRANSPORT.recv_pkt(skb);
+        } else {
+            skb.free_to_pool(pool);
         }
     }
 

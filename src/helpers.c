@@ -174,6 +174,24 @@ int vsock_rs_skb_rx_put(struct sk_buff *skb, u32 linear, u32 len,
 	return pskb_trim(skb, len);
 }
 
+/*
+ * Frees an rx skb that nobody else holds, its fragment pages to the pool
+ * first: a packet the driver drops then costs no page allocation on the
+ * next refill, however many the device sends.
+ */
+void vsock_rs_skb_free_to_pool(struct sk_buff *skb,
+			       struct vsock_rs_page_pool *pool)
+{
+	struct skb_shared_info *shinfo = skb_shinfo(skb);
+
+	/* The skb is freed next: only its fragment count must stay true. */
+	if (!skb_cloned(skb) && !skb_shared(skb))
+		while (shinfo->nr_frags)
+			page_pool_put(pool,
+				      skb_frag_page(&shinfo->frags[--shinfo->nr_frags]));
+	kfree_skb(skb);
+}
+
 /* The rx buffer payload size, a module parameter (see RxLayout). */
 static unsigned int rx_buf_size = 65536;
 module_param(rx_buf_size, uint, 0444);

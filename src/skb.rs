@@ -166,6 +166,17 @@ impl SkBuff {
             bindings::vsock_rs_skb_rx_put(self.as_ptr(), linear, len, pool.as_ptr())
         })
     }
+
+    /// Frees a buffer the driver drops, its fragment pages to `pool` (those
+    /// it has room for), so that the next refill takes them instead of
+    /// allocating: a device that floods the driver with packets it rejects
+    /// costs it no page allocations.
+    pub(crate) fn free_to_pool(self, pool: &mut PagePool) {
+        let skb = self.into_raw();
+        // SAFETY: `into_raw` gave up our ownership of the valid buffer to this call, which frees
+        // it; the pool is valid and `&mut` makes this its only user.
+        unsafe { bindings::vsock_rs_skb_free_to_pool(skb, pool.as_ptr()) };
+    }
 }
 
 /// Spare order-0 pages for the fragments of rx buffers (`struct vsock_rs_page_pool`).
