@@ -4,7 +4,8 @@
 # unit tests of the device, the protocol layer, the samples and the bench's
 # statistics, a bounded fuzz run of the rx header validation, the runner's
 # self-test, and the VM suites on the debug kernels: on 6.12, C/C (the
-# baseline), Rust/C, Rust/Rust, the reload test and the fault suite; on 7.3,
+# baseline), Rust/C, Rust/Rust, the reload test, the fault suite and the
+# scenarios (bulk transfers of 16 MiB); on 7.3,
 # the lint and Rust/C in both role assignments (C/C and Rust/Rust on 7.3 are
 # `make vmtest KERNEL=7.3 ...`: same code paths, ten more minutes).
 # CHECK_KERNELS lists the kernels (default "6.12 7.3").
@@ -58,12 +59,18 @@ for k in $kernels; do
 		KERNEL="$k" FLAVOUR=debug DRIVER=rust ||
 		die "building the $k test bed failed: see the messages above"
 done
+# The scenarios' programs and modules (6.12 only, as their step below).
+if [[ " $kernels " == *" 6.12 "* ]]; then
+	KERNEL=6.12 tools/build-scenarios.sh debug ||
+		die "building the scenarios' archive failed: see the messages above"
+fi
 has() { [[ " $kernels " == *" $1 "* ]]; }
 
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
 step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml
 step samples-unit cargo test --locked --manifest-path samples/Cargo.toml
 step bench-unit python3 tools/bench_test.py
+step scenarios-selftest python3 tools/scenarios.py --selftest
 if has 6.12; then step module-lint make --no-print-directory lint KERNEL=6.12; fi
 if has 7.3; then step module-lint-7.3 make --no-print-directory lint KERNEL=7.3; fi
 step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
@@ -80,6 +87,10 @@ if has 6.12; then
 	# The hostile device and the production paths (Documentation/faults.rst).
 	step faults tools/faults.py --kernel debug --kernel-version 6.12 \
 		--driver rust --peer rust --json "$log/faults-rust.json"
+	# The uses vsock was made for (Documentation/scenarios.rst), with
+	# bulk transfers of 16 MiB instead of 100 to fit the check's time.
+	step scenarios tools/scenarios.py --kernel debug --kernel-version 6.12 \
+		--driver rust --peer c --bulk-mib 16 --json "$log/scenarios-rust.json"
 fi
 if has 7.3; then
 	vt=(tools/vmtest.py --kernel debug --kernel-version 7.3)
