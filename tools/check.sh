@@ -59,12 +59,12 @@ for k in $kernels; do
 		KERNEL="$k" FLAVOUR=debug DRIVER=rust ||
 		die "building the $k test bed failed: see the messages above"
 done
+has() { [[ " $kernels " == *" $1 "* ]]; }
 # The scenarios' programs and modules (6.12 only, as their step below).
-if [[ " $kernels " == *" 6.12 "* ]]; then
+if has 6.12; then
 	KERNEL=6.12 tools/build-scenarios.sh debug ||
 		die "building the scenarios' archive failed: see the messages above"
 fi
-has() { [[ " $kernels " == *" $1 "* ]]; }
 
 step device-unit cargo test --locked --manifest-path tools/vsock-device/Cargo.toml
 step protocol-unit cargo test --locked --manifest-path tools/protocol-tests/Cargo.toml

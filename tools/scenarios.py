@@ -16,8 +16,8 @@ The cases (--list):
 - loopback.*: VMADDR_CID_LOCAL echoes inside guest 3 beside the driver, and
   neither the device's packet log nor the driver's counters see any of it.
 - clients.*: socat, ncat, the seeds' Python and C programs, unchanged;
-  100 MiB (--bulk-mib) each way with a SHA-256, 100 connections open at once, and the
-  host through the device's Unix socket (CONNECT <port>).
+  100 MiB (--bulk-mib) each way with a SHA-256, 100 connections open at
+  once, and the host through the device's Unix socket (CONNECT <port>).
 - vsockmon.*: a scripted exchange captured by tcpdump on vsockmon0 in
   guest 3; every packet once, in order, with the op, length, ports and CIDs
   of the device's log; payload bytes as sent; decoded again by the host's
@@ -492,8 +492,8 @@ def case_parallel(sc):
     # after every connection is open. One cat reads both files: a subshell
     # `(cat $i; cat go >/dev/null)` execs its last command with stdout on
     # /dev/null, so the pipe closed after the 16 KiB and every client shut
-    # down at once (the device log showed it). The clients start 0.3 s apart, and one whose
-    # connect times out (vsock's default 2 s, short for a TCG guest forking
+    # down at once (the device log showed it). The clients start 0.3 s
+    # apart, and one whose connect times out (vsock's default 2 s, short for a TCG guest forking
     # a cat per connection) tries again: socat reads nothing before it is
     # connected.
     cli = sc.g(3).run(
