@@ -18,11 +18,15 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 #   KSUITE     the apt suite it comes from (empty: the host's own)
 #   KLLVM      LLVM= of the kernel build: 1 for clang, -19 for clang-19
 #   KLLVM_PKGS the LLVM packages KLLVM needs
-#   KLIBCLANG  the libclang bindgen must load (empty: the default one)
+#   KLIBCLANG  the libclang bindgen must load, the one of KLLVM's clang
 kernel_pkg() {
 	case "$1" in
 	6.12)
-		KVER_PKG=linux-source-6.12 KSUITE='' KLLVM=1 KLIBCLANG=''
+		# libclang 14 too: once 7.3's libclang 19 is installed, bindgen
+		# would load it by default, and it rejects the flags 6.12 gives
+		# clang 14 (-enable-trivial-auto-var-init-zero-knowing-...).
+		KVER_PKG=linux-source-6.12 KSUITE='' KLLVM=1
+		KLIBCLANG=/usr/lib/llvm-14/lib
 		KLLVM_PKGS=(clang lld llvm libclang-dev) ;;
 	7.3)
 		# LLVM >= 17 (scripts/min-tool-version.sh): bookworm's clang-19.
