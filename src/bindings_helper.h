@@ -65,6 +65,7 @@ bool vsock_rs_skb_reply(struct sk_buff *skb);
 bool vsock_rs_skb_is_nonlinear(struct sk_buff *skb);
 unsigned int vsock_rs_skb_headroom(struct sk_buff *skb);
 unsigned int vsock_rs_skb_nr_frags(struct sk_buff *skb);
+unsigned int vsock_rs_skb_frags_len(struct sk_buff *skb);
 void *vsock_rs_skb_frag_virt(struct sk_buff *skb, unsigned int i,
 			     unsigned int *len);
 void vsock_rs_skb_queue_head_init(struct sk_buff_head *list);

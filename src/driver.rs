@@ -76,8 +76,10 @@ pub(crate) struct Stats {
     counters: [AtomicU64; Counter::COUNT],
     /// Payload bytes of one rx buffer.
     rx_buf_size: AtomicU32,
-    /// The most memory the posted rx buffers take, in bytes.
+    /// The most memory the posted rx buffers may take, in bytes.
     rx_mem_max: AtomicU64,
+    /// The memory the posted rx buffers take, in bytes.
+    rx_mem_posted: AtomicU64,
 }
 
 impl Stats {
@@ -97,11 +99,16 @@ struct RxState {
     sg: KBox<SgTable>,
     buf_nr: u32,
     buf_max_nr: u32,
-    /// Most buffers posted at once: the memory bound of [`proto::RxLayout::max_bufs`].
-    bufs_limit: u32,
+    /// Pages the posted buffers take, linear parts and fragments.
+    pages_posted: u32,
+    /// Most pages posted at once: [`proto::RxLayout::max_bufs`] buffers of
+    /// the largest layout, the memory bound.
+    pages_limit: u32,
+    /// Sizes the next buffers for the packets arriving now.
+    sizer: proto::RxSizer,
     /// Fragment pages of consumed buffers that their payload did not reach,
-    /// for the next refill: at most `bufs_limit` buffers' worth, so posted and
-    /// spare pages together stay within the bound.
+    /// for the next refill: pages of buffers consumed since the last refill,
+    /// so posted and spare pages together stay within the bound.
     pool: PagePool,
 }
 
@@ -244,43 +251,50 @@ impl Vsock {
     /// worth retrying (a queue that refuses buffers, e.g. broken, is not).
     fn rx_fill(&self, rx: &mut RxState) -> bool {
         let mut out_of_memory = false;
-        while rx.buf_nr < rx.bufs_limit {
-            let Some(skb) = SkBuff::alloc_rx(self.rx_layout, Gfp::Kernel, &mut rx.pool) else {
+        while rx.vq.num_free() > 0 {
+            // Each buffer as large as the packets arriving now need.
+            let layout = rx.sizer.layout();
+            let pages = rx.pages_posted.saturating_add(layout.pages_used());
+            if pages > rx.pages_limit {
+                break;
+            }
+            let Some(skb) = SkBuff::alloc_rx(layout, Gfp::Kernel, &mut rx.pool) else {
                 self.stats.inc(Counter::RxRefillFailures);
                 out_of_memory = true;
                 break;
             };
             if rx
                 .vq
-                .add_skb_in(skb, self.rx_layout.linear, &mut rx.sg, Gfp::Kernel)
+                .add_skb_in(skb, layout.linear, &mut rx.sg, Gfp::Kernel)
                 .is_err()
             {
                 self.stats.inc(Counter::RxRefillFailures);
                 break;
             }
             rx.buf_nr += 1;
-            if rx.vq.num_free() == 0 {
-                break;
-            }
+            rx.pages_posted = pages;
         }
         rx.buf_max_nr = rx.buf_max_nr.max(rx.buf_nr);
         rx.vq.kick();
         self.stats.inc(Counter::RxRefills);
+        self.note_rx_mem(rx);
         out_of_memory
     }
 
+    fn note_rx_mem(&self, rx: &RxState) {
+        let bytes = u64::from(rx.pages_posted) * u64::from(crate::skb::PAGE_SIZE);
+        self.stats.rx_mem_posted.store(bytes, Relaxed);
+    }
+
     /// Validates a used rx buffer and hands it to the common code.
-    fn rx_one(
-        &self,
-        vq: &mut Virtqueue<SkBuff>,
-        pool: &mut PagePool,
-        mut skb: SkBuff,
-        used_len: u32,
-    ) {
+    ///
+    /// `room` is the payload the buffer was posted with: its linear room and
+    /// its fragments, as the driver built it (the device cannot change that).
+    fn rx_one(&self, rx: &mut RxState, mut skb: SkBuff, used_len: u32, room: u32) {
         let validate = |skb: &SkBuff| {
             proto::validate_rx(
                 used_len,
-                self.rx_layout.capacity(),
+                proto::HDR_SIZE_U32.saturating_add(room),
                 skb.hdr(),
                 self.guest_cid(),
                 self.features,
@@ -289,23 +303,24 @@ impl Vsock {
         let mut verdict = validate(&skb);
         if verdict == Err(proto::DropReason::WrongDstCid) {
             let dst_cid = proto::Hdr::parse(skb.hdr()).map_or(0, |h| h.dst_cid);
-            if self.adopt_config_cid(vq, dst_cid) {
+            if self.adopt_config_cid(&mut rx.vq, dst_cid) {
                 verdict = validate(&skb);
             }
         }
         let hdr = match verdict {
             Ok(hdr) => hdr,
-            Err(reason) => return self.rx_rejected(skb, reason, pool),
+            Err(reason) => return self.rx_rejected(skb, reason, &mut rx.pool),
         };
         // Cannot fail: `validate_rx` checked the payload fits in the buffer.
         if skb
-            .rx_put(self.rx_layout.linear, hdr.payload_len(), pool)
+            .rx_put(self.rx_layout.linear, hdr.payload_len(), &mut rx.pool)
             .is_err()
         {
             self.stats
                 .inc(Counter::RxDropped(proto::DropReason::PayloadTooLong));
             return;
         }
+        rx.sizer.observe(hdr.payload_len(), room);
         self.stats.inc(Counter::RxPackets);
         self.stats.add(Counter::RxBytes, hdr.payload_len().into());
         vsock::deliver_tap(&skb);
@@ -366,12 +381,16 @@ impl Vsock {
                 };
                 budget -= 1;
                 rx.buf_nr = rx.buf_nr.saturating_sub(1);
-                self.rx_one(&mut rx.vq, &mut rx.pool, skb, len);
+                let pages = skb.nr_frags().saturating_add(1);
+                rx.pages_posted = rx.pages_posted.saturating_sub(pages);
+                let room = self.rx_layout.linear.saturating_add(skb.frags_len());
+                self.rx_one(rx, skb, len, room);
             }
             if rx.vq.enable_cb() {
                 break;
             }
         }
+        self.note_rx_mem(rx);
         let out_of_memory = proto::rx_refill_needed(rx.buf_nr, rx.buf_max_nr) && self.rx_fill(rx);
         if rx.buf_nr > 0 || !out_of_memory {
             return;
@@ -604,6 +623,7 @@ impl virtio::Driver for Vsock {
                 counters: [const { AtomicU64::new(0) }; Counter::COUNT],
                 rx_buf_size: AtomicU32::new(0),
                 rx_mem_max: AtomicU64::new(0),
+                rx_mem_posted: AtomicU64::new(0),
             },
             GFP_KERNEL,
         )?;
@@ -712,17 +732,20 @@ impl Vsock {
         *self.tx.lock() = Some(TxState { vq: tx, sg });
         {
             let mut rx_guard = self.rx.lock();
-            let bufs_limit = self.rx_layout.max_bufs(rx.vring_size());
-            let mem_max = u64::from(bufs_limit)
-                * u64::from(self.rx_layout.pages_used())
-                * u64::from(crate::skb::PAGE_SIZE);
+            let pages_limit = self
+                .rx_layout
+                .max_bufs(rx.vring_size())
+                .saturating_mul(self.rx_layout.pages_used());
+            let mem_max = u64::from(pages_limit) * u64::from(crate::skb::PAGE_SIZE);
             self.stats.rx_mem_max.store(mem_max, Relaxed);
             let rx = rx_guard.insert(RxState {
                 vq: rx,
                 sg: rx_sg,
                 buf_nr: 0,
                 buf_max_nr: 0,
-                bufs_limit,
+                pages_posted: 0,
+                pages_limit,
+                sizer: proto::RxSizer::new(self.rx_layout, crate::skb::PAGE_SIZE),
                 pool,
             });
             self.rx_fill(rx);
@@ -746,14 +769,19 @@ impl Vsock {
     /// Creates `/sys/bus/virtio/devices/virtioN/vsock_rs/`: one file per
     /// counter, then `guest_cid`, the stable interface for monitoring.
     fn sysfs_group(&self, dev: &Device<Self>) -> Result<virtio::U64Group<Stats>> {
-        let mut files = KVec::with_capacity(Counter::COUNT + 3, GFP_KERNEL)?;
+        let mut files = KVec::with_capacity(Counter::COUNT + 4, GFP_KERNEL)?;
         for counter in Counter::iter() {
             files.push(
                 CString::try_from_fmt(format_args!("{}", counter.name()))?,
                 GFP_KERNEL,
             )?;
         }
-        for name in ["guest_cid", "rx_buf_size", "rx_mem_max_bytes"] {
+        for name in [
+            "guest_cid",
+            "rx_buf_size",
+            "rx_mem_max_bytes",
+            "rx_mem_posted_bytes",
+        ] {
             files.push(CString::try_from_fmt(format_args!("{name}"))?, GFP_KERNEL)?;
         }
         dev.add_u64_group(
@@ -764,7 +792,8 @@ impl Vsock {
                 None => stats.counters.get(index).map_or(0, |c| c.load(Relaxed)),
                 Some(0) => stats.guest_cid.load(Relaxed).into(),
                 Some(1) => stats.rx_buf_size.load(Relaxed).into(),
-                Some(_) => stats.rx_mem_max.load(Relaxed),
+                Some(2) => stats.rx_mem_max.load(Relaxed),
+                Some(_) => stats.rx_mem_posted.load(Relaxed),
             },
         )
     }
@@ -780,6 +809,7 @@ impl Vsock {
                 dir.read_only_file(c_str!("guest_cid"), &stats.guest_cid);
                 dir.read_only_file(c_str!("rx_buf_size"), &stats.rx_buf_size);
                 dir.read_only_file(c_str!("rx_mem_max_bytes"), &stats.rx_mem_max);
+                dir.read_only_file(c_str!("rx_mem_posted_bytes"), &stats.rx_mem_posted);
                 for counter in Counter::iter() {
                     let name = CString::try_from_fmt(format_args!("{}", counter.name()));
                     if let (Some(value), Ok(name)) = (stats.counters.get(counter.index()), name) {

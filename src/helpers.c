@@ -196,7 +196,7 @@ void vsock_rs_skb_free_to_pool(struct sk_buff *skb,
 static unsigned int rx_buf_size = 65536;
 module_param(rx_buf_size, uint, 0444);
 MODULE_PARM_DESC(rx_buf_size,
-		 "Payload bytes per rx buffer, 3732 (one page, as the C driver) to 65536: the first page is linear, the rest order-0 page fragments");
+		 "Largest payload per rx buffer, 3732 (one page, as the C driver) to 65536: the first page is linear, the rest order-0 page fragments; buffers are sized to the packets arriving");
 
 unsigned int vsock_rs_rx_buf_size_param(void)
 {
@@ -231,6 +231,16 @@ unsigned int vsock_rs_skb_headroom(struct sk_buff *skb)
 unsigned int vsock_rs_skb_nr_frags(struct sk_buff *skb)
 {
 	return skb_shinfo(skb)->nr_frags;
+}
+
+unsigned int vsock_rs_skb_frags_len(struct sk_buff *skb)
+{
+	struct skb_shared_info *shinfo = skb_shinfo(skb);
+	unsigned int i, len = 0;
+
+	for (i = 0; i < shinfo->nr_frags; i++)
+		len += skb_frag_size(&shinfo->frags[i]);
+	return len;
 }
 
 /*

@@ -87,6 +87,19 @@ impl Skb {
         // SAFETY: By the type invariant the buffer is valid.
         unsafe { bindings::vsock_rs_skb_tailroom(self.as_ptr()) }
     }
+
+    /// Returns the number of page fragments (`skb_shinfo(skb)->nr_frags`).
+    pub(crate) fn nr_frags(&self) -> u32 {
+        // SAFETY: By the type invariant the buffer is valid.
+        unsafe { bindings::vsock_rs_skb_nr_frags(self.as_ptr()) }
+    }
+
+    /// Returns the bytes the page fragments span, used or not: for an rx
+    /// buffer before [`SkBuff::rx_put`], the room posted after the linear part.
+    pub(crate) fn frags_len(&self) -> u32 {
+        // SAFETY: By the type invariant the buffer is valid.
+        unsafe { bindings::vsock_rs_skb_frags_len(self.as_ptr()) }
+    }
 }
 
 /// An owned socket buffer of a virtio vsock packet.

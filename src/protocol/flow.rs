@@ -227,3 +227,99 @@ impl RxLayout {
         }
     }
 }
+
+/// By how much [`RxSizer`]'s estimate falls per packet: 1/`RX_SIZE_DECAY` of itself.
+pub const RX_SIZE_DECAY: u32 = 8;
+
+/// Sizes each rx buffer for the packets arriving now.
+///
+/// Big buffers pay off in bulk transfers (one packet per 64 KiB message
+/// instead of eighteen) and cost small messages: each carries fragment pages
+/// it does not use to the device and back. As virtio-net sizes its mergeable
+/// rx buffers from the lengths it receives (`ewma_pkt_len`), the driver keeps
+/// an estimate of the payload the next packet needs and posts buffers of that
+/// size, from the linear buffer (C's) up to the largest layout.
+///
+/// The estimate is a decaying peak: a longer packet raises it at once, and
+/// each packet lowers it by 1/[`RX_SIZE_DECAY`] otherwise. A bulk transfer
+/// gets big buffers from its first packet on; request and response traffic
+/// returns to linear buffers 22 packets after the last long one. A packet
+/// that fills its buffer counts as the largest payload, since the device cut
+/// a longer message to fit.
+///
+/// # Examples
+///
+/// ```
+/// use virtio_vsock_rs::protocol::{RxLayout, RxSizer};
+///
+/// let max = RxLayout::new(65536, 3776, 4096);
+/// let mut sizer = RxSizer::new(max, 4096);
+/// // Nothing received yet: C's linear buffer.
+/// assert_eq!(sizer.layout().pages, 0);
+/// // A packet that fills its linear buffer: the next ones are the largest.
+/// sizer.observe(3732, 3732);
+/// assert_eq!(sizer.layout(), max);
+/// // Small packets bring it back down, one eighth per packet.
+/// for _ in 0..21 {
+///     sizer.observe(64, 65536);
+/// }
+/// assert_eq!(sizer.layout().pages, 1);
+/// sizer.observe(64, 65536);
+/// assert_eq!(sizer.layout().pages, 0);
+/// // A 10000-byte message: 3732 bytes linear and two pages.
+/// sizer.observe(10000, 65536);
+/// assert_eq!((sizer.layout().pages, sizer.layout().frags), (2, 8192));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxSizer {
+    max: RxLayout,
+    page_size: u32,
+    /// Payload bytes the next packet is expected to need.
+    want: u32,
+}
+
+impl RxSizer {
+    /// Returns a sizer of buffers up to `max` with fragments of `page_size`
+    /// bytes, which starts with linear buffers.
+    pub const fn new(max: RxLayout, page_size: u32) -> Self {
+        Self {
+            max,
+            page_size,
+            want: 0,
+        }
+    }
+
+    /// Takes in a packet of `payload` bytes received in a buffer that had
+    /// room for `room` payload bytes.
+    pub fn observe(&mut self, payload: u32, room: u32) {
+        let need = if payload >= room {
+            self.max.payload()
+        } else {
+            payload
+        };
+        let decayed = self.want - self.want / RX_SIZE_DECAY;
+        self.want = if need > decayed { need } else { decayed };
+    }
+
+    /// Returns the layout of the next buffer: the fewest fragment pages that
+    /// hold the estimate, at most those of the largest layout.
+    pub const fn layout(&self) -> RxLayout {
+        let linear = self.max.linear;
+        if self.want <= linear || self.page_size == 0 {
+            return RxLayout {
+                linear,
+                frags: 0,
+                pages: 0,
+            };
+        }
+        let pages = (self.want - linear).div_ceil(self.page_size);
+        if pages >= self.max.pages {
+            return self.max;
+        }
+        RxLayout {
+            linear,
+            frags: pages * self.page_size,
+            pages,
+        }
+    }
+}

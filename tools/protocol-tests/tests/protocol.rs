@@ -284,3 +284,52 @@ fn rx_layout_every_payload() {
     assert_eq!(c.max_bufs(128), 128);
     assert_eq!(c.pages, 0);
 }
+
+// Rx buffer sizing: every layout the sizer picks is one the driver can post.
+
+#[test]
+fn rx_sizer_layouts_stay_within_the_largest() {
+    use virtio_vsock_rs::protocol::{RxLayout, RxSizer, RX_SIZE_DECAY};
+    let page = 4096;
+    for max_payload in [0u32, 3732, 4000, 8192, 40_000, 65_536] {
+        let max = RxLayout::new(max_payload, 3776, page);
+        let mut sizer = RxSizer::new(max, page);
+        // A deterministic mix: small, medium, full-buffer and zero-length packets.
+        let mut x: u32 = 12345;
+        let mut room = sizer.layout().payload();
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let payload = match x >> 29 {
+                0 => 0,
+                1 | 2 => x % 128,
+                3 | 4 => x % 20_000,
+                _ => room,
+            }
+            .min(room);
+            let before = sizer.layout();
+            sizer.observe(payload, room);
+            let l = sizer.layout();
+            assert_eq!(l.linear, max.linear);
+            assert!(l.pages <= max.pages && l.payload() <= max.payload(), "{l:?} {max:?}");
+            assert!(l.frags <= l.pages * page && l.pages * page < l.frags + page);
+            // A packet that filled its buffer asks for the largest one.
+            if payload == room && room > 0 {
+                assert_eq!(l, max);
+            }
+            // Otherwise the estimate falls by at most 1/RX_SIZE_DECAY, so the
+            // next buffer holds a payload of this size.
+            if payload < room && payload > max.linear {
+                assert!(l.payload() >= payload, "{payload} {l:?}");
+            }
+            // And falls no faster than that.
+            if payload < room {
+                let floor = before.payload().saturating_sub(page);
+                assert!(
+                    l.payload() + 1 >= floor / RX_SIZE_DECAY * (RX_SIZE_DECAY - 1),
+                    "{before:?} -> {l:?}"
+                );
+            }
+            room = l.payload();
+        }
+    }
+}
