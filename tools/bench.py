@@ -213,6 +213,16 @@ def judge(ratio, noise, op, threshold):
     return ("pass" if ok else "fail"), clear
 
 
+def mem_note(res):
+    """', rx buffers: guest 3 N KiB' for the guests that report it."""
+    mem = {c: v for c, v in (res.get("rx_mem_posted") or {}).items()
+           if v is not None}
+    if not mem:
+        return ""
+    return ", rx buffers: " + ", ".join(
+        f"guest {c} {v >> 10} KiB" for c, v in sorted(mem.items()))
+
+
 def cpu_busy_ticks(stat):
     """user + nice + system + irq + softirq of /proc/stat's "cpu" line."""
     for line in stat.splitlines():
@@ -366,6 +376,18 @@ class Bench:
                 raise RunError(f"{what}: guest {g.cid}: {e}")
         return out
 
+    def rx_mem(self):
+        """rx_mem_posted_bytes of the Rust driver in each guest (None for
+        C): the memory its rx buffers take after the run, which shows them
+        sized to the traffic."""
+        mem = {}
+        for g in self.bed.guests:
+            rc, out = g.sh("cat /sys/bus/virtio/devices/*/vsock_rs/"
+                           "rx_mem_posted_bytes 2>/dev/null", 10)
+            out = out.strip()
+            mem[str(g.cid)] = int(out) if rc == 0 and out.isdigit() else None
+        return mem
+
     def throughput(self, src, dst, buf, nbytes):
         """One vsock_perf transfer from guest (or host) src to guest dst."""
         a = self.args
@@ -434,6 +456,7 @@ class Bench:
             "cpu_ticks": {str(c): t for c, t in ticks.items()},
             "cpu_s": cpu_s, "cpu_s_per_gib": cpu_s / (sent / GIB),
             "wall_s": wall, "rx_output": rxo, "tx_output": txo,
+            "rx_mem_posted": self.rx_mem(),
         }
 
     def latency(self, src, dst, size):
@@ -478,7 +501,7 @@ class Bench:
             res["n"] = int(vals["n"])
         except (KeyError, ValueError):
             raise RunError(f"{what}: bad output line: {line!r}")
-        res.update(wall_s=wall, output=line)
+        res.update(wall_s=wall, output=line, rx_mem_posted=self.rx_mem())
         return res
 
     def record(self, cfg, rep, kind, metric, res, **extra):
@@ -545,7 +568,7 @@ class Bench:
         self.record(cfg, rep, "latency", f"lat 3->4 {a.lat_size}B", res,
                     size=a.lat_size)
         log(f"{tag}: lat 3->4 {a.lat_size}B: p50 {res['p50_us']:.1f} us, "
-            f"p99 {res['p99_us']:.1f} us (n={res['n']})")
+            f"p99 {res['p99_us']:.1f} us (n={res['n']}){mem_note(res)}")
         pairs = [(3, 4), (4, 3)] + ([] if a.no_host else [(HOST_CID, 3)])
         cpu_s = nbytes_all = 0
         for buf, nbytes in ((4 << 10, a.bytes_4k), (64 << 10, a.bytes_64k)):
@@ -557,7 +580,7 @@ class Bench:
                 nbytes_all += r["bytes"]
                 log(f"{tag}: {metric}: {r['gbps']:.3f} Gbit/s "
                     f"({human(nbytes)} in {r['rx_time_s']:.1f} s), "
-                    f"{r['cpu_s_per_gib']:.2f} CPU-s/GiB")
+                    f"{r['cpu_s_per_gib']:.2f} CPU-s/GiB{mem_note(r)}")
         self.record(cfg, rep, "cpu_total", "cpu/GiB all",
                     {"cpu_s": cpu_s, "bytes": nbytes_all,
                      "cpu_s_per_gib": cpu_s / (nbytes_all / GIB)})

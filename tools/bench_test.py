@@ -37,6 +37,16 @@ class Quantile(unittest.TestCase):
             bench.quantile([], 0.5)
 
 
+class MemNote(unittest.TestCase):
+    def test_only_guests_that_report(self):
+        res = {"rx_mem_posted": {"4": None, "3": 528384}}
+        self.assertEqual(bench.mem_note(res), ", rx buffers: guest 3 516 KiB")
+
+    def test_c_only_says_nothing(self):
+        self.assertEqual(bench.mem_note({"rx_mem_posted": {"3": None}}), "")
+        self.assertEqual(bench.mem_note({}), "")
+
+
 class Bootstrap(unittest.TestCase):
     def test_constant_data_gives_exact_ratio(self):
         r = bench.bootstrap_ratio([2.0] * 10, [3.0] * 10, 500, seed=1)
