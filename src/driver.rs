@@ -98,6 +98,9 @@ struct RxState {
     vq: Virtqueue<SkBuff>,
     sg: KBox<SgTable>,
     buf_nr: u32,
+    /// Buffers posted by the last refill that filled the queue or reached
+    /// the memory bound (C: the most ever posted, the same number while every
+    /// buffer has one size). Refills start when fewer than half of them remain.
     buf_max_nr: u32,
     /// Pages the posted buffers take, linear parts and fragments.
     pages_posted: u32,
@@ -274,7 +277,13 @@ impl Vsock {
             rx.buf_nr += 1;
             rx.pages_posted = pages;
         }
-        rx.buf_max_nr = rx.buf_max_nr.max(rx.buf_nr);
+        // Buffers follow the traffic in size, so how many fit the bound does
+        // too: count from this refill unless an allocation cut it short.
+        rx.buf_max_nr = if out_of_memory {
+            rx.buf_max_nr.max(rx.buf_nr)
+        } else {
+            rx.buf_nr
+        };
         rx.vq.kick();
         self.stats.inc(Counter::RxRefills);
         self.note_rx_mem(rx);
