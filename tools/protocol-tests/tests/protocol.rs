@@ -310,7 +310,10 @@ fn rx_sizer_layouts_stay_within_the_largest() {
             sizer.observe(payload, room);
             let l = sizer.layout();
             assert_eq!(l.linear, max.linear);
-            assert!(l.pages <= max.pages && l.payload() <= max.payload(), "{l:?} {max:?}");
+            assert!(
+                l.pages <= max.pages && l.payload() <= max.payload(),
+                "{l:?} {max:?}"
+            );
             assert!(l.frags <= l.pages * page && l.pages * page < l.frags + page);
             // A packet that filled its buffer asks for the largest one.
             if payload == room && room > 0 {
