@@ -74,11 +74,11 @@ const SEND_PKT_WORK: u64 = 3;
 pub(crate) struct Stats {
     guest_cid: AtomicU32,
     counters: [AtomicU64; Counter::COUNT],
-    /// Payload bytes of one rx buffer.
+    /// Largest payload of an rx buffer (the module parameter, clamped).
     rx_buf_size: AtomicU32,
     /// The most memory the posted rx buffers may take, in bytes.
     rx_mem_max: AtomicU64,
-    /// The memory the posted rx buffers take, in bytes.
+    /// The memory the posted rx buffers take after the last rx run, in bytes.
     rx_mem_posted: AtomicU64,
 }
 
@@ -277,19 +277,13 @@ impl Vsock {
             rx.buf_nr += 1;
             rx.pages_posted = pages;
         }
-        // Buffers follow the traffic in size, so how many fit the bound does
-        // too: count from this refill unless an allocation cut it short.
-        rx.buf_max_nr = if out_of_memory {
-            rx.buf_max_nr.max(rx.buf_nr)
-        } else {
-            rx.buf_nr
-        };
+        rx.buf_max_nr = proto::rx_buf_max_nr(rx.buf_max_nr, rx.buf_nr, out_of_memory);
         rx.vq.kick();
         self.stats.inc(Counter::RxRefills);
-        self.note_rx_mem(rx);
         out_of_memory
     }
 
+    /// Shows in `rx_mem_posted_bytes` what the posted buffers take now.
     fn note_rx_mem(&self, rx: &RxState) {
         let bytes = u64::from(rx.pages_posted) * u64::from(crate::skb::PAGE_SIZE);
         self.stats.rx_mem_posted.store(bytes, Relaxed);
@@ -399,8 +393,8 @@ impl Vsock {
                 break;
             }
         }
-        self.note_rx_mem(rx);
         let out_of_memory = proto::rx_refill_needed(rx.buf_nr, rx.buf_max_nr) && self.rx_fill(rx);
+        self.note_rx_mem(rx);
         if rx.buf_nr > 0 || !out_of_memory {
             return;
         }
@@ -758,6 +752,7 @@ impl Vsock {
                 pool,
             });
             self.rx_fill(rx);
+            self.note_rx_mem(rx);
         }
         {
             let mut event_guard = self.event.lock();

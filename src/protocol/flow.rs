@@ -72,6 +72,37 @@ pub const fn rx_refill_needed(rx_buf_nr: u32, rx_buf_max_nr: u32) -> bool {
     rx_buf_nr < rx_buf_max_nr / 2
 }
 
+/// Returns the `rx_buf_max_nr` of [`rx_refill_needed`] after a refill that
+/// left `posted` buffers posted.
+///
+/// C keeps the most buffers ever posted, which every complete refill posts
+/// while all buffers have one size. Buffers sized to the traffic
+/// ([`RxSizer`]) fit the memory bound in varying numbers, so a refill that
+/// filled the queue or reached the bound sets the count; one cut short by an
+/// allocation failure keeps the larger one, so that refills go on trying as
+/// with C.
+///
+/// # Examples
+///
+/// ```
+/// use virtio_vsock_rs::protocol::{rx_buf_max_nr, rx_refill_needed};
+///
+/// // 128 one-page buffers, then bulk traffic: 30 of 64 KiB fill the bound.
+/// let max = rx_buf_max_nr(128, 30, false);
+/// assert_eq!(max, 30);
+/// // 20 still posted: no refill (and no kick) on every rx run.
+/// assert!(!rx_refill_needed(20, max));
+/// // An allocation failure after 10 buffers keeps the 128.
+/// assert_eq!(rx_buf_max_nr(128, 10, true), 128);
+/// ```
+pub const fn rx_buf_max_nr(prev: u32, posted: u32, out_of_memory: bool) -> u32 {
+    if !out_of_memory || posted > prev {
+        posted
+    } else {
+        prev
+    }
+}
+
 /// Returns whether there is room for more replies to rx packets.
 ///
 /// Mirrors `virtio_transport_more_replies()`: rx processing stops while the

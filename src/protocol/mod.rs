@@ -18,9 +18,9 @@ mod rx;
 mod stats;
 
 pub use flow::{
-    cancel_restarts_rx, more_replies, reply_sent_restarts_rx, rx_buf_size, rx_refill_needed,
-    tx_dst_allowed, RxLayout, RxSizer, EVENT_BUFS, MAX_BUF_SIZE, MAX_PKT_BUF_SIZE, RX_BUF_ALLOC,
-    RX_MEM_FACTOR, RX_SIZE_DECAY,
+    cancel_restarts_rx, more_replies, reply_sent_restarts_rx, rx_buf_max_nr, rx_buf_size,
+    rx_refill_needed, tx_dst_allowed, RxLayout, RxSizer, EVENT_BUFS, MAX_BUF_SIZE,
+    MAX_PKT_BUF_SIZE, RX_BUF_ALLOC, RX_MEM_FACTOR, RX_SIZE_DECAY,
 };
 pub use hdr::{
     Hdr, Op, Type, HDR_SIZE, HDR_SIZE_U32, SEQ_EOM, SEQ_EOR, SHUTDOWN_MASK, SHUTDOWN_RCV,
