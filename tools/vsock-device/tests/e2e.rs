@@ -19,7 +19,7 @@ use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use vsock_device::backend::{serve, VmBackend, VmConfig, F_SEQPACKET};
+use vsock_device::backend::{serve, VmBackend, VmConfig, F_SEQPACKET, INJECT_BURST};
 use vsock_device::control::{self, Device};
 use vsock_device::fault::{Counts, Hook, PassThrough, Scripted, StreamCounts, UsedKind};
 use vsock_device::inject::{classify, craft, Class, ClassCounts, Kind, Target};
@@ -595,7 +595,8 @@ fn inject_interleaves_with_healthy_traffic_and_counts_what_landed() {
         "OK live=1 seqpacket=1 event_idx=1 guest_cid=3 rx_avail=0"
     );
     // Ten healthy packets wait for rx buffers, then ten crafted ones are
-    // asked for: they share the buffers one for one.
+    // asked for: they share the buffers INJECT_BURST crafted to one healthy
+    // while both wait, then the rest of the healthy ones.
     for i in 0..10u8 {
         let h = hdr((4, 1000), (3, 2000), TYPE_STREAM, op::RW, 0);
         b.send(h, &[i; 100], 44, 1);
@@ -606,12 +607,16 @@ fn inject_interleaves_with_healthy_traffic_and_counts_what_landed() {
     let rx = a.post_rx(20, RXSZ);
     assert_eq!(job.join().unwrap(), "OK injected=10 class=payload_too_long");
     let used = a.wait_used(0, 20);
+    let burst = INJECT_BURST as usize;
+    assert!((5..10).contains(&burst), "the schedule below needs 5-9");
+    // Crafted: the first burst, then the rest right after healthy #0.
+    let crafted = |i: usize| i < burst || (i > burst && i <= 10);
     let mut healthy = Vec::new();
     for (i, &(_, len)) in used.iter().enumerate() {
         let buf = a.read_buf(rx[i], RXSZ);
         let h = hdr_of(&buf);
         let class = classify(h.as_ref(), len, RXSZ as u64, &T3);
-        if i % 2 == 0 {
+        if crafted(i) {
             assert_eq!(class, Some(Class::PayloadTooLong), "buffer {i}");
             assert!(h.unwrap().dst_port >= 0x8000_0000);
         } else {
