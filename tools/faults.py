@@ -44,6 +44,7 @@ import re
 import shutil
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -985,30 +986,46 @@ def case_hotplug(fx, case):
     n = fx.args.cycles or 20
     g = fx.g(3)
     t0 = time.monotonic()
-    for i in range(n):
-        flows = fx.flows(tolerant=True, timeout=5)
-        fx.wait_flowing(flows)
-        # Unplug waits for the proxy's own DEVICE_DELETED (the virtio child
-        # sends one first) and closes the vhost-user connection; the re-plug
-        # comes on a new one, which the device takes as a new front.
-        try:
-            g.unplug_vsock(120)
-        except RunError as e:
-            fx.stop_flows(flows)
-            raise Problem(f"cycle {i + 1}: the guest did not release the "
-                          f"device: {e}")
-        g.plug_vsock()
-        fx.wait_bound(120)
-        for f in flows:
-            if not f.wait_oks(f.oks() + 1, 120):
-                fx.stop_flows(flows)
-                raise Problem(f"cycle {i + 1}: no traffic after re-plug: "
-                              + f.describe())
+    took = {"unplug": [], "bind": [], "traffic": []}
+    # One tolerant flow each way for all the cycles: connections fail while
+    # the device is away, and after each re-plug a new one must succeed.
+    flows = fx.flows(tolerant=True, timeout=5)
+    fx.wait_flowing(flows)
+    try:
+        for i in range(n):
+            # Unplug waits for the proxy's own DEVICE_DELETED (the virtio
+            # child sends one first) and closes the vhost-user connection;
+            # the re-plug comes on a new one, which the device takes as a
+            # new front.
+            t = time.monotonic()
+            try:
+                g.unplug_vsock(120)
+            except RunError as e:
+                raise Problem(f"cycle {i + 1}: the guest did not release "
+                              f"the device: {e}")
+            took["unplug"].append(time.monotonic() - t)
+            t = time.monotonic()
+            g.plug_vsock()
+            fx.wait_bound(120)
+            took["bind"].append(time.monotonic() - t)
+            # Connections that began before the unplug cannot succeed:
+            # an ok counted from now on is a connection on the new device.
+            t = time.monotonic()
+            base = [f.oks() for f in flows]
+            for f, b in zip(flows, base):
+                if not f.wait_oks(b + 1, 120):
+                    raise Problem(f"cycle {i + 1}: no traffic after "
+                                  f"re-plug: " + f.describe())
+            took["traffic"].append(time.monotonic() - t)
+            bad = fx.kernel_problems()
+            if bad:
+                raise Problem(f"cycle {i + 1}: kernel log: {bad[0]}")
+    finally:
         fx.stop_flows(flows)
-        bad = fx.kernel_problems()
-        if bad:
-            raise Problem(f"cycle {i + 1}: kernel log: {bad[0]}")
-    fx.note(case.name, f"{n} cycles in {time.monotonic() - t0:.0f} s")
+    fx.note(case.name, f"{n} cycles in {time.monotonic() - t0:.0f} s; "
+            + ", ".join(f"{k} median {statistics.median(v):.1f} s"
+                        for k, v in took.items()))
+    fx.note(case.name, "load: " + "; ".join(f.describe() for f in flows))
     fx.echo_both("after the last re-plug")
 
 
