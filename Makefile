@@ -10,6 +10,7 @@
 #   make shell      one guest with the Rust driver, on this terminal
 #   make vmtest     DRIVER=c|rust PEER=c|rust: vsock_test between two guests
 #   make bench      DRIVER=.. PEER=.. [DRIVER2=.. PEER2=..]: ratios, 95% CIs, noise
+#   make profile    DRIVER=.. PEER=..: perf profile of a guest during a transfer
 #   make lint       rustfmt, clippy (kernel lints) and rustdoc on the module
 #   make rustfmtcheck / make rustdoc: one part of make lint
 #   make patches    the driver as a checkpatch-clean series against Linux 7.3
@@ -52,7 +53,7 @@ LINTDIR = $(VSOCK_RS_CACHE)/module/lint-$(KERNEL)
 NEED_RUST = $(filter rust,$(DRIVER) $(PEER) $(DRIVER2) $(PEER2))
 
 .PHONY: lint rustfmtcheck rustdoc patches run shell module modules extras all setup qemu kernel kernel-debug kernel-perf kernel-builtin initramfs device \
-	vsock-tests vmtest vmtest-selftest faults soak scenarios bench check device-test clean help
+	vsock-tests vmtest vmtest-selftest faults soak scenarios bench profile check device-test clean help
 
 all: help
 
@@ -164,6 +165,14 @@ bench:
 	@$(MAKE) --no-print-directory initramfs device extras FLAVOUR=perf
 	@tools/bench.py --driver $(DRIVER) --peer $(PEER) \
 		$(if $(DRIVER2),--driver2 $(DRIVER2) --peer2 $(or $(PEER2),$(DRIVER2))) $(BENCH_ARGS)
+
+# Where a guest's CPU goes during one transfer (tools/perf_profile.py), on the
+# perf kernel; PROFILE_ARGS picks the direction and the guest, e.g.
+# PROFILE_ARGS='--src 3 --dst 4 --guest 3'.
+PROFILE_ARGS ?=
+profile:
+	@$(MAKE) --no-print-directory initramfs device extras FLAVOUR=perf
+	@tools/perf_profile.py --driver $(DRIVER) --peer $(PEER) $(PROFILE_ARGS)
 
 check:
 	@tools/check.sh

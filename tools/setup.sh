@@ -11,7 +11,7 @@ set -euo pipefail
 DEB_PKGS=(rustc-web rust-web-src "${KLLVM_PKGS[@]}"
 	flex bison bc libelf-dev libssl-dev cpio xz-utils qemu-system-x86
 	busybox-static kmod make gcc libc6-dev python3 rsync file
-	rust-web-clippy python3-matplotlib)
+	rust-web-clippy python3-matplotlib linux-perf)
 BINDGEN_VERSION=0.73.2
 
 # The kernel source packages and the suites they come from.
