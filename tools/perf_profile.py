@@ -15,7 +15,10 @@ interleaved over --reps: the table gives samples per GiB moved for each
 driver and their difference, largest first. That shows where one driver
 spends more than the other, which the bench's CPU-per-GiB ratio cannot.
 Under TCG the profile is of the emulated CPU: its proportions, not its
-absolute times, carry over to hardware.
+absolute times, carry over to hardware, and a guest's samples follow the
+host's speed too. Use --reps 3 or more, and check that the copy to or from
+the user (_copy_to_iter, _copy_from_iter: the same work for both drivers)
+came out alike before reading the other rows.
 
   tools/perf_profile.py --driver rust --peer c --vs c --reps 3
   make profile DRIVER=rust PEER=c PROFILE_ARGS='--vs c --reps 3'
