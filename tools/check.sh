@@ -3,7 +3,7 @@
 # Run every test the project has and sum them up in one closing line:
 # unit tests of the device, the protocol layer, the samples and the bench's
 # statistics, a bounded fuzz run of the rx header validation, the runner's
-# self-test, and the VM suites on the debug kernels: on 6.12, C/C (the
+# and the fault suite's self-tests, and the VM suites on the debug kernels: on 6.12, C/C (the
 # baseline), Rust/C, Rust/Rust, the reload test, the fault suite and the
 # scenarios (bulk transfers of 16 MiB); on 7.3,
 # the lint and Rust/C in both role assignments, on the debug kernel and on
@@ -83,6 +83,10 @@ step protocol-fuzz tools/protocol-tests/fuzz.sh "${FUZZ_SECONDS:-30}"
 if has 6.12; then
 	vt=(tools/vmtest.py --kernel debug --kernel-version 6.12)
 	step runner-selftest "${vt[@]}" --selftest
+	# The fault suite's own checks must fail when they should: an oracle
+	# off by one, a load that cannot succeed, a provoked WARNING.
+	step faults-selftest tools/faults.py --kernel debug --kernel-version 6.12 \
+		--driver rust --peer rust --selftest
 	# With the same driver in both guests the two role assignments run the
 	# same code (only the CIDs differ): one is enough. Rust/C runs both, as
 	# the Rust driver is server in one and client in the other.
