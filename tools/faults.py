@@ -517,6 +517,15 @@ class Fixture:
         if rc != 0:
             raise Problem(f"bind failed: {out.strip()}")
 
+    def rebind(self, dev, what):
+        """Bind the driver to `dev` again, restart guest 3's echo server if
+        the unbind took it, and check an echo each way."""
+        self.bind(dev)
+        self.wait_bound()
+        if not self.server_alive(3):
+            self.start_server(3)
+        self.echo_both(what)
+
     def wait_bound(self, timeout=60):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -721,11 +730,7 @@ def case_used(kind):
             raise Problem("after unbind: " + leaks[0])
         # Binding again resets the device and sets up new virtqueues: the
         # next case starts from a healthy device without a reboot.
-        fx.bind(dev)
-        fx.wait_bound()
-        if not fx.server_alive(3):
-            fx.start_server(3)
-        fx.echo_both("after binding again")
+        fx.rebind(dev, "after binding again")
     return run
 
 
@@ -1074,10 +1079,7 @@ def case_unbind_flows(fx, case):
     bad = fx.kernel_problems()
     if bad:
         raise Problem("kernel log: " + bad[0])
-    fx.bind(dev)
-    if not fx.server_alive(3):
-        fx.start_server(3)
-    fx.echo_both("after rebind")
+    fx.rebind(dev, "after rebind")
     flows = fx.flows()
     fx.wait_flowing(flows)
     fx.finish_flows(flows)
