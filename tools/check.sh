@@ -3,10 +3,10 @@
 # Run every test the project has and sum them up in one closing line:
 # unit tests of the device, the protocol layer, the samples and the bench's
 # statistics, a bounded fuzz run of the rx header validation, the runner's
-# and the fault suite's self-tests, and the VM suites on the debug kernels: on 6.12, C/C (the
-# baseline), Rust/C, Rust/Rust, the reload test, the fault suite and the
-# scenarios (bulk transfers of 16 MiB); on 7.3,
-# the lint and Rust/C in both role assignments, on the debug kernel and on
+# and the fault suite's self-tests, and the VM suites on the debug kernels:
+# on 6.12, C/C (the baseline), Rust/C, Rust/Rust, the reload test, the fault
+# suite and the scenarios (bulk transfers of 16 MiB); on 7.3, the lint and
+# Rust/C in both role assignments, on the debug kernel and on
 # the perf kernel (C/C and Rust/Rust on 7.3 are `make vmtest KERNEL=7.3 ...`:
 # same code paths, ten more minutes).
 # CHECK_KERNELS lists the kernels (default "6.12 7.3").

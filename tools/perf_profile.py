@@ -110,14 +110,13 @@ def make_args(argv=None):
         p.error("--src and --dst must differ")
     if a.reps < 1:
         p.error("--reps must be at least 1")
-    # What bench.setup and Bench read, with the bench's defaults.
-    drivers = {a.driver, a.peer} | ({a.vs} if a.vs else set())
-    b = bench.make_args([f"--kernel={a.kernel}", "--reps=1",
-                         "--driver=" + ("rust" if "rust" in drivers else "c"),
-                         f"--peer={a.peer}"]
+    # What bench.setup and Bench read, with the bench's defaults; --vs as
+    # driver2, so that bench.setup checks the Rust module is there for it.
+    b = bench.make_args([f"--kernel={a.kernel}", "--reps=1"]
                         + ([f"--workdir={a.workdir}"] if a.workdir else []))
     for k, v in vars(a).items():
         setattr(b, k, v)
+    b.driver2 = a.vs
     os.environ["KERNEL"] = a.kernel_version
     return b
 

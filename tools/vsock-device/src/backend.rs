@@ -68,13 +68,12 @@ const RX: usize = 0;
 const TX: usize = 1;
 const EVQ: usize = 2;
 const NUM_QUEUES: usize = 3;
-/// Device event: the guest's port eventfd.
 /// Crafted rx packets put between two healthy ones while both are pending.
 /// A crafted packet costs the guest a validation and a drop, a healthy one
-/// a copy of up to 64 KiB: at 8 to 1 a flood of 10^4 goes several times
-/// faster than alternating, and the healthy load still gets a buffer in
-/// every nine.
+/// a copy of up to 64 KiB: at 8 to 1 a flood of 10^4 goes faster than
+/// alternating, and the healthy load still gets a buffer in every nine.
 pub const INJECT_BURST: u32 = 8;
+/// Device event: the guest's port eventfd.
 const WAKE_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Device event: the bridge's epoll fd.
 const BRIDGE_EVENT: u16 = NUM_QUEUES as u16 + 2;
