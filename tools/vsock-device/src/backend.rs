@@ -749,7 +749,7 @@ impl VmState {
                     let returned = &mut self.rx_returned;
                     deliver(
                         &mut self.inflight,
-                        || vm.port.inbox().pop(),
+                        || vm.port.inbox().take(),
                         |pkt| vm.port.inbox().unpop(pkt),
                         |pkt, off| write_rx(cid, rx, &guard, pkt, off, returned),
                     )
@@ -766,6 +766,7 @@ impl VmState {
         if used > 0 {
             signal(rx, self.event_idx);
         }
+        vm.port.inbox().settle();
         let waiters = vm.port.inbox().take_ready_waiters();
         vm.router.wake(&waiters);
         used > 0
@@ -803,7 +804,7 @@ impl VmState {
                     &mut self.inflight,
                     || {
                         if std::mem::take(&mut first) {
-                            vm.port.inbox().pop()
+                            vm.port.inbox().take()
                         } else {
                             None
                         }

@@ -33,6 +33,9 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Inbox {
     q: VecDeque<Packet>,
     bytes: usize,
+    /// Bytes of the packet taken by [`Inbox::take`] and not yet started
+    /// or put back: they still count against the limit.
+    in_hand: usize,
     limit: usize,
     live: bool,
     /// Packets are kept but not handed out (`hold CID on`).
@@ -49,6 +52,7 @@ impl Inbox {
         Inbox {
             q: VecDeque::new(),
             bytes: 0,
+            in_hand: 0,
             limit: limit.max(1),
             live: false,
             hold: false,
@@ -71,6 +75,7 @@ impl Inbox {
     /// Put a packet taken by [`Inbox::pop`] back at the head (dropped if
     /// the guest went down meanwhile).
     pub fn unpop(&mut self, pkt: Packet) {
+        self.in_hand = 0;
         if self.live || self.retain {
             self.bytes += pkt.wire_len();
             self.q.push_front(pkt);
@@ -87,9 +92,29 @@ impl Inbox {
         Some(p)
     }
 
+    /// Take the oldest packet for delivery. Until [`Inbox::settle`] (its
+    /// first fragment is written) or [`Inbox::unpop`] (no rx buffer) it
+    /// still counts against the limit, so that a sender cannot slip one
+    /// packet past the bound while this one waits for a buffer.
+    pub fn take(&mut self) -> Option<Packet> {
+        let p = self.pop()?;
+        self.in_hand = p.wire_len();
+        Some(p)
+    }
+
+    /// The packet taken by [`Inbox::take`] has started (or is done): it no
+    /// longer counts.
+    pub fn settle(&mut self) {
+        self.in_hand = 0;
+    }
+
+    fn counted(&self) -> usize {
+        self.bytes + self.in_hand
+    }
+
     /// At or over the limit: senders must pause.
     pub fn is_full(&self) -> bool {
-        self.bytes >= self.limit
+        self.counted() >= self.limit
     }
 
     /// Queued bytes (headers included).
@@ -144,7 +169,7 @@ impl Inbox {
 
     /// Senders to wake now: all waiters once below half the limit.
     pub fn take_ready_waiters(&mut self) -> Vec<u64> {
-        if self.waiters.is_empty() || self.bytes >= self.limit / 2 {
+        if self.waiters.is_empty() || self.counted() >= self.limit / 2 {
             return Vec::new();
         }
         std::mem::take(&mut self.waiters).into_iter().collect()
@@ -154,6 +179,7 @@ impl Inbox {
     /// hold keeps it) and returns every waiter (to be woken).
     pub fn set_live(&mut self, live: bool) -> Vec<u64> {
         self.live = live;
+        self.in_hand = 0;
         if live {
             if !self.hold {
                 self.retain = false;
@@ -503,6 +529,33 @@ mod tests {
         assert_eq!(b.inbox().set_live(false), vec![3]);
         assert!(b.inbox().is_empty());
         assert_eq!(b.inbox().bytes(), 0);
+    }
+
+    #[test]
+    fn packet_waiting_for_a_buffer_still_counts() {
+        // The receiver takes a packet, finds no rx buffer and puts it back:
+        // a sender pushing meanwhile must not get past the bound.
+        let limit = 10 * (HDR_LEN + 1000);
+        let (r, _a, b) = setup(limit, Arc::new(PassThrough));
+        b.inbox().set_live(true);
+        for _ in 0..9 {
+            assert_eq!(
+                r.to_guest(3, 3, &b, pkt(3, 4, 1000, 0)),
+                Sent::Queued { full: false }
+            );
+        }
+        let taken = b.inbox().take().unwrap();
+        assert_eq!(
+            r.to_guest(3, 3, &b, pkt(3, 4, 1000, 0)),
+            Sent::Queued { full: true }
+        );
+        b.inbox().unpop(taken);
+        assert_eq!(b.inbox().bytes(), limit);
+        // Once started, the packet no longer counts.
+        let _started = b.inbox().take().unwrap();
+        b.inbox().settle();
+        assert_eq!(b.inbox().bytes(), limit - (HDR_LEN + 1000));
+        assert!(!b.inbox().is_full());
     }
 
     struct DropOdd(Mutex<u32>);
