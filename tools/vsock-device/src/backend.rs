@@ -269,6 +269,10 @@ pub struct Status {
     pub rx_avail: u16,
     /// The frontend handed the event queue to the device and set it up.
     pub evq_ready: bool,
+    /// Fault jobs (`inject`, `used`, `event`) submitted and not finished:
+    /// once one shows here, the guest's thread takes it before it next
+    /// touches a queue.
+    pub jobs: usize,
 }
 
 /// Fault state of one guest shared with the control socket.
@@ -428,7 +432,13 @@ impl VmBackend {
             .evq
             .as_ref()
             .is_some_and(|e| e.get_ref().get_queue().ready());
+        let jobs = lock(&self.faults.jobs).len()
+            + st.injects.len()
+            + st.used_jobs.len()
+            + st.tx_len_jobs.len()
+            + st.events.len();
         Status {
+            jobs,
             live,
             live_for: (*lock(&self.faults.live_since)).map(|t| t.elapsed()),
             seqpacket: acked & F_SEQPACKET != 0,

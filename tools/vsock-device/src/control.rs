@@ -19,7 +19,7 @@
 //! stream CID PORT off
 //! counts CID                       what was injected
 //! reset-counts CID
-//! status CID
+//! status CID                       live, features, guest_cid, rx_avail, jobs
 //! ```
 //!
 //! `inject`, `used` and `event` run on the guest's thread (see
@@ -503,12 +503,13 @@ impl Device {
             Command::Status { cid } => {
                 let st = self.guest(cid)?.status();
                 now(format!(
-                    "OK live={} seqpacket={} event_idx={} guest_cid={} rx_avail={}",
+                    "OK live={} seqpacket={} event_idx={} guest_cid={} rx_avail={} jobs={}",
                     u8::from(st.live),
                     u8::from(st.seqpacket),
                     u8::from(st.event_idx),
                     st.guest_cid,
-                    st.rx_avail
+                    st.rx_avail,
+                    st.jobs
                 ))
             }
         }

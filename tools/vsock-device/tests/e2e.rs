@@ -377,6 +377,22 @@ impl Ctl {
         let (path, line) = (path.to_path_buf(), line.to_string());
         std::thread::spawn(move || Ctl::connect(&path).cmd(&line))
     }
+
+    /// Wait until guest `cid` has `n` fault jobs submitted and not
+    /// finished: the guest's thread takes them before it next moves a
+    /// packet.
+    fn wait_jobs(&mut self, cid: u64, n: usize) {
+        let t = Instant::now();
+        let want = format!(" jobs={n}");
+        loop {
+            let st = self.cmd(&format!("status {cid}"));
+            if st.ends_with(&want) {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{st}, want{want}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 fn hdr(src: (u64, u32), dst: (u64, u32), type_: u16, op: u16, flags: u32) -> Hdr {
@@ -592,7 +608,7 @@ fn inject_interleaves_with_healthy_traffic_and_counts_what_landed() {
     let mut c = Ctl::connect(&s.control);
     assert_eq!(
         c.cmd("status 3"),
-        "OK live=1 seqpacket=1 event_idx=1 guest_cid=3 rx_avail=0"
+        "OK live=1 seqpacket=1 event_idx=1 guest_cid=3 rx_avail=0 jobs=0"
     );
     // Ten healthy packets wait for rx buffers, then ten crafted ones are
     // asked for: they share the buffers INJECT_BURST crafted to one healthy
@@ -603,7 +619,7 @@ fn inject_interleaves_with_healthy_traffic_and_counts_what_landed() {
     }
     wait_queued(&s, 0, 10);
     let job = Ctl::spawn(&s.control, "inject 3 payload_too_long 10 7");
-    std::thread::sleep(Duration::from_millis(300));
+    c.wait_jobs(3, 1);
     let rx = a.post_rx(20, RXSZ);
     assert_eq!(job.join().unwrap(), "OK injected=10 class=payload_too_long");
     let used = a.wait_used(0, 20);
@@ -807,7 +823,7 @@ fn used_ring_abuse_hold_stream_faults_and_features() {
     let rx = a.post_rx(3, RXSZ);
     std::thread::sleep(Duration::from_millis(100));
     assert!(a.used(0).is_empty());
-    assert!(c.cmd("status 3").ends_with(" rx_avail=3"));
+    assert!(c.cmd("status 3").ends_with(" rx_avail=3 jobs=0"));
     assert_eq!(c.cmd("hold 3 off"), "OK hold=off released=3");
     let u = a.wait_used(0, 3);
     for (i, &(_, len)) in u.iter().enumerate() {
@@ -859,7 +875,7 @@ fn used_ring_abuse_hold_stream_faults_and_features() {
     );
     // A large used length for the next tx chain.
     let job = Ctl::spawn(&s.control, "used 3 tx_len 1");
-    std::thread::sleep(Duration::from_millis(100));
+    c.wait_jobs(3, 1);
     a.send(
         hdr((3, 2000), (4, 1000), TYPE_STREAM, op::RW, 0),
         &[0; 100],
