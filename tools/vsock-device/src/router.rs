@@ -72,7 +72,7 @@ impl Inbox {
         Ok(())
     }
 
-    /// Put a packet taken by [`Inbox::pop`] back at the head (dropped if
+    /// Put a packet taken by [`Inbox::take`] back at the head (dropped if
     /// the guest went down meanwhile).
     pub fn unpop(&mut self, pkt: Packet) {
         self.in_hand = 0;
@@ -92,9 +92,9 @@ impl Inbox {
         Some(p)
     }
 
-    /// Take the oldest packet for delivery. Until [`Inbox::settle`] (its
-    /// first fragment is written) or [`Inbox::unpop`] (no rx buffer) it
-    /// still counts against the limit, so that a sender cannot slip one
+    /// Take the oldest packet for delivery. Until [`Inbox::unpop`] (no rx
+    /// buffer) or [`Inbox::settle`] (the end of the rx pass that took it)
+    /// it still counts against the limit, so that a sender cannot slip one
     /// packet past the bound while this one waits for a buffer.
     pub fn take(&mut self) -> Option<Packet> {
         let p = self.pop()?;
@@ -102,8 +102,8 @@ impl Inbox {
         Some(p)
     }
 
-    /// The packet taken by [`Inbox::take`] has started (or is done): it no
-    /// longer counts.
+    /// The rx pass is over: the packet it last took has started (or is
+    /// done) and no longer counts.
     pub fn settle(&mut self) {
         self.in_hand = 0;
     }
